@@ -1,0 +1,209 @@
+"""One run, as a readable list of steps: data, teacher, student, fit, test, measure, log.
+
+``run(cfg)`` is a plain function of a composed config (tests call it directly; ``run.py`` is
+only the Hydra shim) and returns the metrics, ``val/acc`` being what a sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
+from torch import nn
+
+from kd.checkpoint import load_weights, save_weights
+from kd.data import TensorDataModule
+from kd.measure import measure
+from kd.modules import ClassifierModule, DistillationModule
+from kd.summary import print_summary, summary_metrics
+from kd.teacher import Teacher, fingerprint, obtain_teacher, seeded
+from kd.tracking import Tracker, flatten, hydra_context, resolve_uri
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow."""
+    # 1. Build and check everything that can fail on bad input, before any training.
+    objective = instantiate(cfg.distill)
+    data: TensorDataModule = instantiate(cfg.data)
+    data.prepare_data()  # missing data fails here, with how to get it
+    data.setup("fit")
+    model_args = {"num_classes": data.num_classes, "input_shape": data.input_shape}
+    build_student = partial(instantiate(cfg.student.model), **model_args)
+    build_teacher = partial(instantiate(cfg.teacher.model), **model_args) if objective.needs_teacher else None
+    _check_keys(cfg.trainer)
+    student = seeded(cfg.seed, build_student)()
+    if cfg.student.init_checkpoint:
+        load_weights(student, cfg.student.init_checkpoint, allow_pickle=cfg.student.allow_pickle)
+    if build_teacher is not None:
+        build_teacher()  # architecture errors surface now, not after a teacher was trained
+    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
+
+    output_root = Path(cfg.paths.output_root)
+    tracker = Tracker(
+        resolve_uri(cfg.tracking.uri, output_root),
+        cfg.tracking.experiment,
+        artifact_root=output_root / "mlartifacts",
+        enabled=rank_zero_only.rank == 0,
+    )
+    context = hydra_context()
+    name = cfg.tracking.run_name or _run_name(cfg, objective, context)
+    with tracker.open_run(name, {"kd.role": "student", "kd.objective": objective.describe(), **context["tags"]}) as run_id:
+        tracker.log_config(run_id, cfg)
+
+        # 2. The teacher: loaded, reused by fingerprint, or trained once here.
+        teacher = None
+        if build_teacher is not None:
+            teacher = _obtain_teacher(cfg, data, build_teacher, tracker, context)
+            tracker.set_tags(run_id, {
+                "kd.teacher_fingerprint": teacher.fingerprint,
+                "kd.teacher_source": teacher.source,
+                **({"kd.teacher_run_id": teacher.run_id} if teacher.run_id else {}),
+            })  # fmt: skip
+
+        # 3. The student's module and trainer; same seed whether or not a teacher was trained.
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = _student_module(cfg, objective, student, teacher, data, tracker, run_id)
+        trainer = _trainer(cfg, list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
+        trainer.fit(module, datamodule=data)
+        last_val_acc = float(trainer.callback_metrics["val/acc"])
+        checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+        best = checkpoint is not None and bool(checkpoint.best_model_path)
+        tested = trainer.test(module, datamodule=data, ckpt_path="best" if best else None, verbose=False)[0]
+
+        # 4. Measure teacher and student the same way; log, save, summarise.
+        metrics = {"test/acc": tested["test/acc"]}
+        metrics["val/acc"] = float(checkpoint.best_model_score) if best else last_val_acc
+        metrics.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
+        if teacher is not None:
+            metrics["teacher/test_acc"] = _test_accuracy(cfg, teacher.model, data)
+            metrics.update({f"teacher/{k}": v for k, v in _measure(cfg, teacher.model, data).items()})
+        metrics.update(summary_metrics(metrics))
+        tracker.log_metrics(run_id, metrics)
+        if rank_zero_only.rank == 0:
+            run_dir = Path(cfg.paths.run_dir)
+            tracker.log_artifact(run_id, save_weights(module.model, run_dir / "student.pt"))
+            tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
+            print_summary(name, metrics, teacher, tracker)
+    return metrics
+
+
+def _obtain_teacher(
+    cfg: DictConfig, data: TensorDataModule, build: Any, tracker: Tracker, context: dict[str, Any]
+) -> Teacher:
+    tcfg = cfg.teacher
+    recipe = {
+        "model": OmegaConf.to_container(tcfg.model, resolve=True),
+        "data": data.fingerprint() | {"batch_size": data.batch_size},
+        "seed": tcfg.seed,
+        "max_epochs": tcfg.max_epochs,
+        "optimizer": OmegaConf.to_container(tcfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(tcfg.scheduler, resolve=True) if tcfg.scheduler else None,
+        "precision": str(cfg.trainer.get("precision", "32-true")),
+    }
+
+    def make_module(model: nn.Module) -> ClassifierModule:
+        scheduler = instantiate(tcfg.scheduler) if tcfg.scheduler else None
+        return ClassifierModule(model, data.num_classes, instantiate(tcfg.optimizer), scheduler)
+
+    def train(module: ClassifierModule) -> tuple[dict[str, float], str | None]:
+        arch = context["choices"].get("model@teacher.model", type(module.model).__name__)
+        tags = {"kd.role": "teacher", **context["tags"]}
+        with tracker.open_run(f"teacher {arch}", tags) as run_id:
+            tracker.log_params(run_id, {"teacher.fingerprint": recipe_fp} | _flat_recipe(recipe))
+            progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None)
+                        if not isinstance(c, ModelCheckpoint)]  # fmt: skip
+            trainer = _trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
+            trainer.fit(module, datamodule=data)
+            val_acc = float(trainer.callback_metrics["val/acc"])
+            metrics = {"val/acc": val_acc, "test/acc": trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]}
+            tracker.log_metrics(run_id, {f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
+            return metrics, run_id or None
+
+    recipe_fp = fingerprint(recipe)
+    return obtain_teacher(
+        build=seeded(tcfg.seed, build),
+        recipe=recipe,
+        data=data,
+        cache_dir=Path(cfg.paths.teacher_cache),
+        checkpoint=tcfg.checkpoint,
+        allow_pickle=tcfg.allow_pickle,
+        train=train,
+        make_module=make_module,
+    )
+
+
+def _student_module(
+    cfg: DictConfig, objective: Any, student: nn.Module, teacher: Teacher | None,
+    data: TensorDataModule, tracker: Tracker, run_id: str,
+) -> ClassifierModule:  # fmt: skip
+    scfg = cfg.student
+    common = {
+        "num_classes": data.num_classes,
+        "optimizer": instantiate(scfg.optimizer),
+        "scheduler": instantiate(scfg.scheduler) if scfg.scheduler else None,
+        "objective": objective,
+    }
+    if teacher is None:
+        return ClassifierModule(student, **common)
+    cache = cfg.distill_cache and data.deterministic_inputs
+    why = ("inputs are deterministic" if data.deterministic_inputs else "random augmentation changes the inputs every epoch") \
+        if cfg.distill_cache else "distill_cache=false"  # fmt: skip
+    mode = "cached" if cache else "online"
+    log.info("teacher logits: %s (%s)", mode, why)
+    tracker.set_tags(run_id, {"kd.teacher_logits": mode})
+    return DistillationModule(student, teacher.model, teacher_inputs=data.train.x if cache else None, **common)
+
+
+def _trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int, **overrides: Any) -> pl.Trainer:
+    # Lightning reports the frozen teacher as "modules in eval mode" at fit start: intended.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # Loss terms and metrics are logged per epoch, so a short epoch is no reason to warn.
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+    # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
+
+
+def _measure(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> dict[str, float]:
+    return measure(model, data.input_shape, large_batch=cfg.measure.large_batch, latency=cfg.measure.latency)
+
+
+def _test_accuracy(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> float:
+    module = ClassifierModule(model, data.num_classes, optimizer=None)  # evaluation only
+    trainer = _trainer(cfg, [], False, 1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    return float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
+
+
+def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any]) -> str:
+    choices = context["choices"]
+    student = choices.get("model@student.model", "student")
+    if not objective.needs_teacher:
+        return f"{student} {objective.describe()} seed={cfg.seed}"
+    teacher = choices.get("model@teacher.model", "teacher")
+    return f"{student}<-{teacher} {objective.describe()} seed={cfg.seed}"
+
+
+def _flat_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {f"teacher.{k}": v for k, v in flatten(recipe).items()}
+
+
+def _check_keys(node: DictConfig) -> None:
+    """Fail on a misspelled key of ``node`` before anything trains (the class is built later)."""
+    cls = get_class(node._target_)
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(node) - set(params) - {"_target_", "_partial_", "_convert_", "_recursive_"})
+    if unknown:
+        raise TypeError(f"{node._target_} has no argument(s) {unknown}; valid: {sorted(params)}")

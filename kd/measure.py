@@ -1,0 +1,77 @@
+"""Measuring a model the same way everywhere: size, sparsity, compute and CPU latency.
+
+These are the compression numbers every run reports, for the teacher and the student alike.
+Masks do not make a model smaller: ``size_bytes`` is the serialised dense state dict, and
+``nonzero_params`` counts what a sparse format could drop.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (every element of every parameter tensor)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Parameters that are not exactly zero (what survives pruning)."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: the size of the checkpoint on disk."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of a single sample (torch's FLOP counter / 2)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, *input_shape, device=_device(model)))
+    return counter.get_total_flops() // 2
+
+
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, min_run_time: float = 0.2) -> float:
+    """Median wall time of one forward pass in milliseconds (``torch.utils.benchmark``, which
+    warms up, picks the number of repeats, and reports the median of blocks of runs)."""
+    x = torch.randn(batch_size, *input_shape, device=_device(model))
+    timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+    with torch.no_grad():
+        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def measure(
+    model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool = True
+) -> dict[str, float]:
+    """All measurements of ``model`` on the CPU, in eval mode, on a copy (the model is untouched).
+
+    Returns:
+        ``params``, ``nonzero_params``, ``size_bytes``, ``macs`` and, when ``latency`` is set,
+        ``latency_ms_b1`` and ``latency_ms_b<large_batch>`` (medians).
+    """
+    probe = copy.deepcopy(model).cpu().eval()
+    result: dict[str, float] = {
+        "params": count_params(probe),
+        "nonzero_params": count_nonzero(probe),
+        "size_bytes": state_dict_bytes(probe),
+        "macs": count_macs(probe, input_shape),
+    }
+    if latency:
+        result["latency_ms_b1"] = latency_ms(probe, input_shape, 1)
+        result[f"latency_ms_b{large_batch}"] = latency_ms(probe, input_shape, large_batch)
+    return result
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

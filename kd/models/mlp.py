@@ -1,0 +1,79 @@
+"""Multi-layer perceptron (fully connected) classifiers.
+
+References:
+    LeCun, Bottou, Bengio & Haffner (1998). Gradient-based learning applied to
+    document recognition. Proc. IEEE. (LeNet-300-100 is ``MLP(hidden=[300, 100])``.)
+    Han, Pool, Tran & Dally (2015). Learning both weights and connections for
+    efficient neural networks. NeurIPS. (Uses LeNet-300-100 as a pruning benchmark.)
+"""
+
+from collections.abc import Sequence
+from math import prod
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network on the flattened input.
+
+    Each hidden layer is ``Linear -> ReLU -> Dropout`` (dropout omitted when 0),
+    followed by a linear ``head``. With ``hidden=[]`` the model is multinomial
+    logistic regression (a single linear layer).
+
+    Submodules for feature hooks: ``layers`` (``nn.Sequential``; hidden layer ``i``
+    occupies a ``Linear``/``ReLU``[/``Dropout``] group) and ``head``.
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: Input shape ``(C, H, W)``; the input is flattened to ``C*H*W``.
+        hidden: Widths of the hidden layers, e.g. ``[300, 100]`` for LeNet-300-100.
+            May be empty.
+        dropout: Dropout probability after every hidden ReLU, in ``[0, 1)``.
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        hidden: Sequence[int],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) with positive entries, got {input_shape}")
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+            raise ValueError(f"hidden must be a list of positive ints, got {hidden!r}")
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a list of positive ints, got {list(hidden)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.hidden = [int(h) for h in hidden]
+        in_features = prod(self.input_shape)
+        layers: list[nn.Module] = []
+        for width in self.hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_features = width
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Computes logits.
+
+        Args:
+            x: Input batch of shape ``(B, C, H, W)``.
+
+        Returns:
+            Logits of shape ``(B, num_classes)``.
+        """
+        x = torch.flatten(x, 1)  # (B, C, H, W) -> (B, C*H*W)
+        return self.head(self.layers(x))

@@ -1,0 +1,167 @@
+"""Lightning modules: a classifier (baselines and teachers) and a distillation student.
+
+The training step never synchronises with the host: loss terms are logged with
+``on_step=False, on_epoch=True`` (Lightning accumulates them on the device) and accuracy
+accumulates in torchmetrics objects that Lightning computes once per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd.losses import CrossEntropy
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+Batch = tuple[Tensor, Tensor, Tensor]  # inputs, labels, sample indices
+
+
+class ClassifierModule(pl.LightningModule):
+    """Supervised training of one network with an objective from ``kd.losses``.
+
+    Args:
+        model: the network being trained (teacher, baseline or student).
+        num_classes: number of classes, from the data module.
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_`` of a torch optimiser);
+            None for a module that is only evaluated.
+        scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or None.
+        objective: maps logits and labels (and teacher logits) to named loss terms;
+            default plain cross-entropy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory | None,
+        scheduler: SchedulerFactory | None = None,
+        objective: Callable[..., dict[str, Tensor]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective if objective is not None else CrossEntropy()
+        self._make_optimizer = optimizer
+        self._make_scheduler = scheduler
+        metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def teacher_logits(self, x: Tensor, index: Tensor) -> Tensor | None:
+        """The teacher's logits for this batch; a plain classifier has no teacher."""
+        return None
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y, index = batch
+        logits = self.model(x)
+        terms = self.objective(logits, y, self.teacher_logits(x, index))
+        self.log_dict(
+            {f"train/{name}": value.detach() for name, value in terms.items()},
+            on_step=False, on_epoch=True, batch_size=len(y), prog_bar=False,
+        )  # fmt: skip
+        self.train_metrics.update(logits.detach(), y)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return terms["loss"]
+
+    def _evaluate(self, batch: Batch, stage: str, metrics: MetricCollection) -> None:
+        x, y, _ = batch
+        logits = self.model(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        metrics.update(logits, y)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """What the optimiser updates: the trained network only."""
+        return self.model.parameters()
+
+    def configure_optimizers(self) -> Any:
+        if self._make_optimizer is None:
+            raise RuntimeError(f"{type(self).__name__} was built without an optimizer: evaluation only")
+        optimizer = self._make_optimizer(self.trainable_parameters())
+        if self._make_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._make_scheduler(optimizer), "interval": "epoch"}}
+
+
+class DistillationModule(ClassifierModule):
+    """A student trained against a frozen teacher.
+
+    The teacher is frozen explicitly (``requires_grad_(False)``, kept in eval mode through
+    ``train()`` calls) and never enters the optimiser or the saved checkpoints. When
+    ``teacher_inputs`` is given (the training inputs are deterministic), the teacher runs once
+    over them at fit start on the training device and each step looks its logits up by sample
+    index; otherwise the teacher runs online on every batch.
+
+    Args:
+        model: the student.
+        teacher: a trained network with the same number of outputs.
+        objective: an objective with ``needs_teacher = True`` (e.g. ``SoftTargetKD``).
+        teacher_inputs: the whole training split, in sample-index order, to cache the
+            teacher's logits from; None to run the teacher online.
+        Others: see ``ClassifierModule``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        objective: Callable[..., dict[str, Tensor]],
+        scheduler: SchedulerFactory | None = None,
+        teacher_inputs: Tensor | None = None,
+    ) -> None:
+        super().__init__(model, num_classes, optimizer, scheduler, objective)
+        self.teacher = teacher.requires_grad_(False).eval()
+        self._teacher_inputs = teacher_inputs
+        self.register_buffer("cached_teacher_logits", None, persistent=False)
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        self.teacher.eval()  # dropout and batch-norm statistics of the teacher stay frozen
+        return self
+
+    @torch.no_grad()
+    def on_fit_start(self) -> None:
+        if self._teacher_inputs is None or self.cached_teacher_logits is not None:
+            return
+        chunks = []
+        for x in self._teacher_inputs.split(1024):
+            chunks.append(self.teacher(x.to(self.device)))
+        self.cached_teacher_logits = torch.cat(chunks)  # (N_train, K), on the training device
+
+    def teacher_logits(self, x: Tensor, index: Tensor) -> Tensor:
+        if self.cached_teacher_logits is not None:
+            return self.cached_teacher_logits[index]
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the teacher is obtained from its own config on resume; do not copy it into every checkpoint
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # put the (frozen, unchanged) teacher back so the student keys still load strictly
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

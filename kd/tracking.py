@@ -1,0 +1,196 @@
+"""MLflow specifics: the store, run lifecycle, params from the config, artifacts.
+
+The MLflow client API is used throughout instead of the fluent ``mlflow.start_run``: a job
+opens two runs at once (the student's and, when it trains one, the teacher's), and the
+fluent API's single global active run would tangle them.
+
+Every run this module opens ends FINISHED, or FAILED with the reason in the tag
+``kd.failure`` and the traceback as an artifact: ``open_run`` closes it on any exception,
+``KeyboardInterrupt`` and the ``SystemExit`` Lightning raises on Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import logging
+import os
+import tempfile
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}`` (lists stay whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resolve_uri(uri: str | None, output_root: Path) -> str:
+    """The tracking URI: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else a SQLite
+    file under ``output_root`` (the embedded default: no server)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(output_root / 'mlflow.db').resolve()}"
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger attached to a run that ``Tracker`` owns.
+
+    ``MLFlowLogger.finalize`` marks the run FINISHED when ``trainer.fit`` returns, before the
+    test stage and the measurements are logged; the run's status is the tracker's business.
+    """
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+class Tracker:
+    """One MLflow experiment in one store.
+
+    Args:
+        uri: tracking URI (``sqlite:///...``, ``http://host:5000``, ``file:...``).
+        experiment: experiment name; all jobs of a sweep share it.
+        artifact_root: where a *new* experiment keeps artifacts, for a local store; a server
+            chooses its own.
+        enabled: False on non-zero DDP ranks: nothing is written.
+    """
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, enabled: bool = True) -> None:
+        self.uri = uri
+        self.experiment_name = experiment
+        self.enabled = enabled
+        self.client = MlflowClient(tracking_uri=uri) if enabled else None
+        self.experiment_id = self._experiment_id(artifact_root) if enabled else ""
+
+    def _experiment_id(self, artifact_root: Path | None) -> str:
+        existing = self.client.get_experiment_by_name(self.experiment_name)
+        if existing is not None:
+            return existing.experiment_id
+        location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+        except MlflowException:  # a parallel job created it first
+            return self.client.get_experiment_by_name(self.experiment_name).experiment_id
+
+    @contextmanager
+    def open_run(self, name: str, tags: Mapping[str, str]) -> Iterator[str]:
+        """Create a run, yield its id, and always terminate it: FINISHED or FAILED."""
+        if not self.enabled:
+            yield ""
+            return
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        run_id = run.info.run_id
+        try:
+            yield run_id
+        except BaseException as err:
+            self._fail(run_id, err)
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def _fail(self, run_id: str, err: BaseException) -> None:
+        reason = f"{type(err).__name__}: {err}".strip()
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            reason = f"interrupted ({reason})"
+        try:
+            self.client.set_tag(run_id, "kd.failure", reason[:5000])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "traceback.txt"
+                path.write_text("".join(traceback.format_exception(err)))
+                self.client.log_artifact(run_id, str(path))
+        finally:
+            self.client.set_terminated(run_id, "FAILED")
+            log.error("MLflow run %s marked FAILED: %s", run_id, reason)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params in batches. A value longer than MLflow allows is not truncated silently:
+        the param says where the full value is (the ``config.yaml`` artifact) and a warning is logged."""
+        if not self.enabled:
+            return
+        entries = []
+        for key, value in params.items():
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            if len(text) > MAX_PARAM_VAL_LENGTH:
+                log.warning("param %s is %d characters, over MLflow's %d: see config.yaml", key, len(text), MAX_PARAM_VAL_LENGTH)
+                text = f"<{len(text)} characters: see the config.yaml artifact>"
+            entries.append(Param(key, text))
+        for start in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=entries[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_config(self, run_id: str, cfg: DictConfig) -> None:
+        """The resolved config: flattened into params, and whole as ``config.yaml``."""
+        if not self.enabled:
+            return
+        container = OmegaConf.to_container(cfg, resolve=True)
+        self.log_params(run_id, flatten(container))
+        self.log_text(run_id, OmegaConf.to_yaml(container), "config.yaml")
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        if not self.enabled or not metrics:
+            return
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(entries), 1000):
+            self.client.log_batch(run_id, metrics=entries[start : start + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        if self.enabled and tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def lightning_logger(self, run_id: str) -> RunLogger | bool:
+        """A Lightning logger writing into ``run_id``, or False (no logger) when disabled."""
+        if not self.enabled:
+            return False
+        return RunLogger(experiment_name=self.experiment_name, tracking_uri=self.uri, run_id=run_id)
+
+    def ui_command(self) -> str:
+        """The command that opens this store in the MLflow UI."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.uri}"
+        return f"mlflow ui --backend-store-uri {self.uri}"
+
+
+def hydra_context() -> dict[str, Any]:
+    """What Hydra knows about this job: the config-group choices (for run names) and, in a
+    multirun, tags that group the sweep's jobs (``kd.sweep``, ``kd.job``, ``kd.overrides``).
+    Empty when the config was composed without ``@hydra.main`` (tests, notebooks)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {"choices": {}, "tags": {}}
+    hc = HydraConfig.get()
+    tags = {"kd.overrides": " ".join(hc.overrides.task) or "(defaults)"}
+    if hc.mode == RunMode.MULTIRUN:
+        tags |= {"kd.sweep": str(hc.sweep.dir), "kd.job": str(hc.job.num)}
+    return {"choices": dict(hc.runtime.choices), "tags": tags}

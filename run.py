@@ -1,0 +1,15 @@
+"""The single entry point: ``python run.py [overrides]`` or ``python run.py -m <sweep>``."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from kd.experiment import run  # imported here so `--help` and `--cfg` stay fast
+
+    return run(cfg)[cfg.optimized_metric]
+
+
+if __name__ == "__main__":
+    main()
