@@ -1,0 +1,1 @@
+"""Lightning callbacks that change a model while it trains (pruning, QAT, clustering)."""

@@ -82,14 +82,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tested = trainer.test(module, datamodule=data, ckpt_path="best" if best else None, verbose=False)[0]
 
         # 4. Measure teacher and student the same way; log, save, summarise.
-        metrics = {"test/acc": tested["test/acc"]}
-        metrics["val/acc"] = float(checkpoint.best_model_score) if best else last_val_acc
-        metrics.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
+        #    (test/acc is already in MLflow: Lightning logged it from the test loop.)
+        final = {"val/acc_best": float(checkpoint.best_model_score) if best else last_val_acc}
+        final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
         if teacher is not None:
-            metrics["teacher/test_acc"] = _test_accuracy(cfg, teacher.model, data)
-            metrics.update({f"teacher/{k}": v for k, v in _measure(cfg, teacher.model, data).items()})
-        metrics.update(summary_metrics(metrics))
-        tracker.log_metrics(run_id, metrics)
+            final["teacher/test_acc"] = _test_accuracy(cfg, teacher.model, data)
+            final.update({f"teacher/{k}": v for k, v in _measure(cfg, teacher.model, data).items()})
+        final.update(summary_metrics(final))
+        tracker.log_metrics(run_id, final, step=trainer.global_step)
+        metrics = {"test/acc": float(tested["test/acc"]), **final}
         if rank_zero_only.rank == 0:
             run_dir = Path(cfg.paths.run_dir)
             tracker.log_artifact(run_id, save_weights(module.model, run_dir / "student.pt"))
@@ -118,7 +119,7 @@ def _obtain_teacher(
 
     def train(module: ClassifierModule) -> tuple[dict[str, float], str | None]:
         arch = context["choices"].get("model@teacher.model", type(module.model).__name__)
-        tags = {"kd.role": "teacher", **context["tags"]}
+        tags = {"kd.role": "teacher", "kd.fingerprint": recipe_fp, **context["tags"]}
         with tracker.open_run(f"teacher {arch}", tags) as run_id:
             tracker.log_params(run_id, {"teacher.fingerprint": recipe_fp} | _flat_recipe(recipe))
             progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None)

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -82,10 +83,21 @@ class Tracker:
         self.uri = uri
         self.experiment_name = experiment
         self.enabled = enabled
-        self.client = MlflowClient(tracking_uri=uri) if enabled else None
-        self.experiment_id = self._experiment_id(artifact_root) if enabled else ""
+        self.client: MlflowClient | None = None
+        self.experiment_id = self._connect(artifact_root) if enabled else ""
 
-    def _experiment_id(self, artifact_root: Path | None) -> str:
+    def _connect(self, artifact_root: Path | None) -> str:
+        if self.uri.startswith("sqlite:///"):
+            # Parallel jobs (joblib launcher) would race MLflow's schema migration of a new
+            # SQLite file; the first to take the lock creates it, the others find it ready.
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{db}.lock"):
+                return self._get_or_create_experiment(artifact_root)
+        return self._get_or_create_experiment(artifact_root)
+
+    def _get_or_create_experiment(self, artifact_root: Path | None) -> str:
+        self.client = MlflowClient(tracking_uri=self.uri)
         existing = self.client.get_experiment_by_name(self.experiment_name)
         if existing is not None:
             return existing.experiment_id
@@ -111,8 +123,11 @@ class Tracker:
         self.client.set_terminated(run_id, "FINISHED")
 
     def _fail(self, run_id: str, err: BaseException) -> None:
-        reason = f"{type(err).__name__}: {err}".strip()
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        cause = err
+        if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+            cause = err.__context__  # Lightning turns Ctrl-C into sys.exit(1)
+        reason = f"{type(cause).__name__}: {cause}".strip().rstrip(":")
+        if isinstance(cause, (KeyboardInterrupt, SystemExit)):
             reason = f"interrupted ({reason})"
         try:
             self.client.set_tag(run_id, "kd.failure", reason[:5000])

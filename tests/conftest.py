@@ -41,7 +41,8 @@ def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., D
 def run_py(tmp_path: Path) -> Callable[..., list[str]]:
     """The argv of ``python run.py`` writing under tmp_path, for the Hydra CLI itself."""
 
-    def argv(*overrides: str) -> list[str]:
-        return [sys.executable, str(ROOT / "run.py"), *FAST, f"paths.output_root={tmp_path / 'outputs'}", *overrides]
+    def argv(*overrides: str, multirun: bool = False) -> list[str]:
+        flags = ["--multirun"] if multirun else []
+        return [sys.executable, str(ROOT / "run.py"), *flags, *FAST, f"paths.output_root={tmp_path / 'outputs'}", *overrides]
 
     return argv

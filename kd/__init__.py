@@ -1,0 +1,1 @@
+"""kd: knowledge distillation and model compression on Lightning, Hydra and MLflow."""

@@ -1,0 +1,42 @@
+"""Hydra multiruns through the real CLI: one experiment, grouped by sweep, one teacher."""
+
+import subprocess
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _students_and_teachers(output_root: Path):
+    client = MlflowClient(f"sqlite:///{output_root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
+    return (
+        [r for r in runs if r.data.tags["kd.role"] == "student"],
+        [r for r in runs if r.data.tags["kd.role"] == "teacher"],
+    )
+
+
+def test_parallel_sweep_trains_the_teacher_once_and_a_second_sweep_not_at_all(run_py, tmp_path):
+    output_root = tmp_path / "outputs"
+    sweep = ["distill.temperature=1,4", "distill.alpha=0.1,0.9", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    done = subprocess.run(run_py(*sweep, multirun=True), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    students, teachers = _students_and_teachers(output_root)
+    assert len(students) == 4 and len(teachers) == 1
+    assert {r.info.status for r in students + teachers} == {"FINISHED"}
+    assert sorted(r.data.tags["kd.teacher_source"] for r in students) == ["cache", "cache", "cache", "trained"]
+    assert len({r.data.tags["kd.sweep"] for r in students}) == 1  # grouped by one sweep tag
+    assert sorted(r.data.tags["kd.job"] for r in students) == ["0", "1", "2", "3"]
+    names = {r.info.run_name for r in students}
+    assert names == {f"mlp_small<-mlp kd T={t:g} a={a:g} seed=0" for t in (1, 4) for a in (0.1, 0.9)}
+    assert {(r.data.params["distill.temperature"], r.data.params["distill.alpha"]) for r in students} == {
+        ("1", "0.1"), ("1", "0.9"), ("4", "0.1"), ("4", "0.9")
+    }
+
+    again = subprocess.run(run_py("seed=1,2", multirun=True), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    students, teachers = _students_and_teachers(output_root)
+    assert len(students) == 6 and len(teachers) == 1  # no teacher trained by the second sweep
+    assert {r.data.tags["kd.teacher_fingerprint"] for r in students} == {teachers[0].data.tags["kd.fingerprint"]}
