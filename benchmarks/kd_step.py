@@ -101,12 +101,15 @@ def compare(name: str, student: Callable[[], nn.Module], teacher: Callable[[], n
             epoch, setup = fit(mode, copy.deepcopy(init), frozen, data, epochs)
             times[mode].append(epoch)
             setups[mode].append(setup)
-    ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["CE"])) for m in MODES[1:]}
+    ratios = {m: [a / b for a, b in zip(times[m], times["CE"])] for m in MODES[1:]}
+    ratio = {m: statistics.median(r) for m, r in ratios.items()}
+    spread = {m: f"[{min(r):.2f}-{max(r):.2f}]" for m, r in ratios.items()}
     ms = {m: statistics.median(times[m]) * 1e3 for m in MODES}
     cache_ms = (statistics.median(setups["cached"]) - statistics.median(setups["CE"])) * 1e3
     ok = "ok" if ratio["cached"] <= TARGET else "MISSED"
     return (f"{name:<34} {epochs:>2}x{repeats:<3} {ms['CE']:>8.1f} {ms['cached']:>8.1f} {ms['online']:>8.1f} "
-            f"{cache_ms:>8.1f} {ratio['cached']:>7.2f}x <= {TARGET}x {ok:<6} {ratio['online']:>6.2f}x")  # fmt: skip
+            f"{cache_ms:>8.1f} {ratio['cached']:>5.2f}x {spread['cached']} <= {TARGET}x {ok:<6} "
+            f"{ratio['online']:>5.2f}x {spread['online']}")  # fmt: skip
 
 
 def quiet() -> None:
@@ -126,9 +129,9 @@ def main() -> None:
           f"torch threads={torch.get_num_threads()} torch {torch.__version__} lightning {pl.__version__} "
           f"load avg {os.getloadavg()[0]:.2f}")  # fmt: skip
     print("per-epoch ms: median over repeats of each repeat's median steady epoch; ratios: median of per-repeat "
-          "ratios to CE; cache ms: setup(cached) - setup(CE). Teachers are untrained (timing only).")
+          "ratios to CE [min-max over repeats]; cache ms: setup(cached) - setup(CE). Teachers are untrained (timing only).")
     print(f"{'scenario (student <- teacher)':<34} {'ep x rep':<5} {'CE ms':>8} {'cached':>8} {'online':>8} "
-          f"{'cache ms':>8} {'cached/CE':>8}  target {'':<6} {'online/CE':>6}")  # fmt: skip
+          f"{'cache ms':>8} {'cached/CE [min-max]':>18}  target {'':<6} online/CE [min-max]")  # fmt: skip
     digits = DigitsDataModule()
     digits.setup("fit")
     shape, k = digits.input_shape, digits.num_classes

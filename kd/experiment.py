@@ -76,26 +76,27 @@ def run(cfg: DictConfig) -> dict[str, float]:
         module = _student_module(cfg, objective, student, teacher, data, tracker, run_id)
         trainer = _trainer(cfg, list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
         trainer.fit(module, datamodule=data)
-        last_val_acc = float(trainer.callback_metrics["val/acc"])
         checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
-        best = checkpoint is not None and bool(checkpoint.best_model_path)
-        tested = trainer.test(module, datamodule=data, ckpt_path="best" if best else None, verbose=False)[0]
+        best_path = checkpoint.best_model_path if checkpoint is not None else ""
+        final = {"val/acc_best": float(checkpoint.best_model_score if best_path else trainer.callback_metrics["val/acc"])}
 
-        # 4. Measure teacher and student the same way; log, save, summarise.
-        #    (test/acc is already in MLflow: Lightning logged it from the test loop.)
-        final = {"val/acc_best": float(checkpoint.best_model_score) if best else last_val_acc}
+        # 4. Test the validation-selected epoch (Lightning logs test/acc into the run).
+        tested = trainer.test(module, datamodule=data, ckpt_path=best_path or None, verbose=False)[0]
+        teacher_acc = _test_accuracy(cfg, teacher.model, data) if teacher is not None else None
+        if rank_zero_only.rank != 0:
+            return final  # under DDP, rank zero alone measures and logs
+
+        # 5. Measure teacher and student the same way; log, save, summarise.
         final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
         if teacher is not None:
-            final["teacher/test_acc"] = _test_accuracy(cfg, teacher.model, data)
+            final["teacher/test_acc"] = teacher_acc
             final.update({f"teacher/{k}": v for k, v in _measure(cfg, teacher.model, data).items()})
         final.update(summary_metrics(final))
         tracker.log_metrics(run_id, final, step=trainer.global_step)
         metrics = {"test/acc": float(tested["test/acc"]), **final}
-        if rank_zero_only.rank == 0:
-            run_dir = Path(cfg.paths.run_dir)
-            tracker.log_artifact(run_id, save_weights(module.model, run_dir / "student.pt"))
-            tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
-            print_summary(name, metrics, teacher, tracker)
+        tracker.log_artifact(run_id, save_weights(module.model, Path(cfg.paths.run_dir) / "student.pt"))
+        tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
+        print_summary(name, metrics, teacher, tracker)
     return metrics
 
 
@@ -126,8 +127,8 @@ def _obtain_teacher(
                         if not isinstance(c, ModelCheckpoint)]  # fmt: skip
             trainer = _trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
             trainer.fit(module, datamodule=data)
-            val_acc = float(trainer.callback_metrics["val/acc"])
-            metrics = {"val/acc": val_acc, "test/acc": trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]}
+            metrics = {"val/acc": float(trainer.callback_metrics["val/acc"])}
+            metrics["test/acc"] = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
             tracker.log_metrics(run_id, {f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
             return metrics, run_id or None
 
@@ -161,7 +162,8 @@ def _student_module(
     why = ("inputs are deterministic" if data.deterministic_inputs else "random augmentation changes the inputs every epoch") \
         if cfg.distill_cache else "distill_cache=false"  # fmt: skip
     mode = "cached" if cache else "online"
-    log.info("teacher logits: %s (%s)", mode, why)
+    if rank_zero_only.rank == 0:
+        log.info("teacher logits: %s (%s)", mode, why)
     tracker.set_tags(run_id, {"kd.teacher_logits": mode})
     return DistillationModule(student, teacher.model, teacher_inputs=data.train.x if cache else None, **common)
 
@@ -182,8 +184,8 @@ def _measure(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> dict[
 
 def _test_accuracy(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> float:
     module = ClassifierModule(model, data.num_classes, optimizer=None)  # evaluation only
-    trainer = _trainer(cfg, [], False, 1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    return float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+    return float(_trainer(cfg, [], False, 1, **quiet).test(module, datamodule=data, verbose=False)[0]["test/acc"])
 
 
 def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any]) -> str:

@@ -71,8 +71,8 @@ class ClassifierModule(pl.LightningModule):
         terms = self.objective(logits, y, self.teacher_logits(x, index))
         self.log_dict(
             {f"train/{name}": value.detach() for name, value in terms.items()},
-            on_step=False, on_epoch=True, batch_size=len(y), prog_bar=False,
-        )  # fmt: skip
+            on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True,
+        )  # fmt: skip  (sync_dist: one all-reduce per epoch under DDP, none per step)
         self.train_metrics.update(logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return terms["loss"]

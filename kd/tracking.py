@@ -115,11 +115,20 @@ class Tracker:
             return
         run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
         run_id = run.info.run_id
+        # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which writes
+        # $MLFLOW_TRACKING_URI; put the user's value back so a later run in this process (or a
+        # child it starts) resolves its own store.
+        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
         try:
             yield run_id
         except BaseException as err:
             self._fail(run_id, err)
             raise
+        finally:
+            if saved_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
         self.client.set_terminated(run_id, "FINISHED")
 
     def _fail(self, run_id: str, err: BaseException) -> None:

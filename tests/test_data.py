@@ -12,6 +12,7 @@ from kd.data import (
     CIFAR10DataModule,
     DataNotFoundError,
     DigitsDataModule,
+    EvalShardSampler,
     FashionMNISTDataModule,
     IndexedTensorDataset,
     MNISTDataModule,
@@ -123,3 +124,11 @@ def test_random_crop_flip_moves_content_but_keeps_shape():
 def test_augmentation_turns_the_teacher_cache_off():
     assert DigitsDataModule().deterministic_inputs
     assert not DigitsDataModule(augment=True).deterministic_inputs
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_eval_shards_count_every_sample_exactly_once(world):
+    dataset = IndexedTensorDataset(torch.zeros(359, 1), torch.zeros(359))
+    seen = [i for rank in range(world) for i in EvalShardSampler(dataset, num_replicas=world, rank=rank)]
+    assert sorted(seen) == list(range(359))
+    assert sum(len(EvalShardSampler(dataset, world, r)) for r in range(world)) == 359

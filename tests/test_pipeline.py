@@ -136,3 +136,10 @@ def test_missing_dataset_fails_before_training_with_instructions(make_cfg, tmp_p
     with pytest.raises(DataNotFoundError, match="data.download=true"):
         run(cfg)
     assert not Path(cfg.paths.output_root).exists()
+
+
+def test_a_run_leaves_the_tracking_uri_environment_as_it_found_it(make_cfg):
+    import os
+
+    run(make_cfg("distill=none"))
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the next run resolves its own store
