@@ -123,7 +123,10 @@ def quiet() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer scenarios, epochs and repeats (about a minute)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N); default: torch's own")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     quiet()
     print(f"machine: processor={platform.processor() or platform.machine()!r} cpus={os.cpu_count()} "
           f"torch threads={torch.get_num_threads()} torch {torch.__version__} lightning {pl.__version__} "

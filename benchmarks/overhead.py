@@ -23,7 +23,11 @@ Target: Lightning/hand within 1.05x. Read the ratio column only; absolute times 
 machine and its load and are printed for context, never as targets. Where the model step is
 tiny (digits, MLP[32]) the ratio measures Lightning's fixed per-step cost, not the model.
 Finally one full ``kd.experiment.run(cfg)`` of the default job is timed once, for context
-(``--quick``: with the tests' short epochs). Usage: ``.venv/bin/python benchmarks/overhead.py [--quick]``.
+(``--quick``: with the tests' short epochs).
+
+Usage: ``.venv/bin/python benchmarks/overhead.py [--quick] [--threads N]``. Run it on an otherwise
+idle machine: with torch's default threads (one per core) any competing process stalls every
+parallel op, and the ``[min-max]`` spread and the printed load average show it.
 """
 
 from __future__ import annotations
@@ -154,7 +158,10 @@ def quiet() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats (about a minute)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N); default: torch's own")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     quiet()
     print(f"machine: processor={platform.processor() or platform.machine()!r} cpus={os.cpu_count()} "
           f"torch threads={torch.get_num_threads()} torch {torch.__version__} lightning {pl.__version__} "

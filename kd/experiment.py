@@ -31,6 +31,16 @@ from kd.tracking import Tracker, flatten, hydra_context, resolve_uri
 log = logging.getLogger(__name__)
 
 
+class _NoAdverts(logging.Filter):
+    """Lightning 2.6 logs an advert for its cloud logger at every Trainer construction."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow."""
     # 1. Build and check everything that can fail on bad input, before any training.

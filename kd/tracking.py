@@ -12,10 +12,11 @@ Every run this module opens ends FINISHED, or FAILED with the reason in the tag
 from __future__ import annotations
 
 import json
-import time
 import logging
 import os
+import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -201,7 +202,8 @@ class Tracker:
         """The command that opens this store in the MLflow UI."""
         if self.uri.startswith(("http://", "https://")):
             return f"open {self.uri}"
-        return f"mlflow ui --backend-store-uri {self.uri}"
+        beside = Path(sys.executable).parent / "mlflow"  # the virtualenv's own mlflow, if any
+        return f"{beside if beside.exists() else 'mlflow'} ui --backend-store-uri {self.uri}"
 
 
 def hydra_context() -> dict[str, Any]:

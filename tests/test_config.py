@@ -99,3 +99,17 @@ def test_unknown_group_option_lists_the_valid_ones(make_cfg):
 def test_callbacks_package_is_this_repositorys():
     # `callbacks` is a generic top-level name; make sure we import ours, not another package's
     assert Path(callbacks.__file__).resolve().parent == CONF.parent / "callbacks"
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_every_experiment_composes_and_is_a_global_delta_with_its_command(make_cfg, option):
+    text = (CONF / "experiment" / f"{option}.yaml").read_text()
+    assert text.startswith("# @package _global_") and f"experiment={option}" in text
+    cfg = make_cfg(f"experiment={option}", fast=False)
+    instantiate(cfg.distill)
+    assert cfg.teacher.model._target_.startswith("kd.models.")
+
+
+def test_callbacks_combine_as_a_list_of_named_entries(make_cfg):
+    cfg = make_cfg("callbacks=[checkpoint,progress]", fast=False)
+    assert set(cfg.callbacks) == {"checkpoint", "progress"}
