@@ -16,7 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
@@ -185,6 +185,9 @@ def _trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int, **o
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
     # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; not ours to fix.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if not overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)):
+        # `trainer.enable_progress_bar=false` means no bar, whatever the callbacks group holds
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
 
 

@@ -113,3 +113,14 @@ def test_every_experiment_composes_and_is_a_global_delta_with_its_command(make_c
 def test_callbacks_combine_as_a_list_of_named_entries(make_cfg):
     cfg = make_cfg("callbacks=[checkpoint,progress]", fast=False)
     assert set(cfg.callbacks) == {"checkpoint", "progress"}
+
+
+def test_disabling_the_progress_bar_drops_the_progress_callback(make_cfg):
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from kd.experiment import _trainer
+
+    cfg = make_cfg("trainer.enable_progress_bar=false", fast=False)
+    built = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer = _trainer(cfg, built, False, 1)
+    assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
