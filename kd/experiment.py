@@ -168,14 +168,21 @@ def _student_module(
     }
     if teacher is None:
         return ClassifierModule(student, **common)
-    cache = cfg.distill_cache and data.deterministic_inputs
-    why = ("inputs are deterministic" if data.deterministic_inputs else "random augmentation changes the inputs every epoch") \
-        if cfg.distill_cache else "distill_cache=false"  # fmt: skip
+    if not cfg.distill_cache:
+        cache, why = False, "distill_cache=false"
+    elif objective.needs_teacher_features:
+        cache, why = False, "the objective needs teacher features every step"
+    elif not data.deterministic_inputs:
+        cache, why = False, "random augmentation changes the inputs every epoch"
+    else:
+        cache, why = True, "inputs are deterministic"
     mode = "cached" if cache else "online"
     if rank_zero_only.rank == 0:
         log.info("teacher logits: %s (%s)", mode, why)
     tracker.set_tags(run_id, {"kd.teacher_logits": mode})
-    return DistillationModule(student, teacher.model, teacher_inputs=data.train.x if cache else None, **common)
+    return DistillationModule(
+        student, teacher.model, input_shape=data.input_shape, teacher_inputs=data.train.x if cache else None, **common
+    )
 
 
 def _trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int, **overrides: Any) -> pl.Trainer:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd.features import FeatureHooks
 from kd.losses import CrossEntropy
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class ClassifierModule(pl.LightningModule):
         num_classes: int,
         optimizer: OptimizerFactory | None,
         scheduler: SchedulerFactory | None = None,
-        objective: Callable[..., dict[str, Tensor]] | None = None,
+        objective: CrossEntropy | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -61,14 +62,17 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def teacher_logits(self, x: Tensor, index: Tensor) -> Tensor | None:
-        """The teacher's logits for this batch; a plain classifier has no teacher."""
-        return None
+    def on_train_epoch_start(self) -> None:
+        self.objective.start_epoch(self.current_epoch, self.trainer.max_epochs)
+
+    def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Student logits and the objective's named loss terms for one training batch."""
+        logits = self.model(x)
+        return logits, self.objective(logits, y)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y, index = batch
-        logits = self.model(x)
-        terms = self.objective(logits, y, self.teacher_logits(x, index))
+        logits, terms = self.compute_terms(x, y, index)
         self.log_dict(
             {f"train/{name}": value.detach() for name, value in terms.items()},
             on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True,
@@ -91,8 +95,9 @@ class ClassifierModule(pl.LightningModule):
         self._evaluate(batch, "test", self.test_metrics)
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        """What the optimiser updates: the trained network only."""
-        return self.model.parameters()
+        """What the optimiser updates: the trained network, and whatever the objective learns
+        beside it (FitNets regressors), never the teacher."""
+        return [*self.model.parameters(), *self.objective.parameters()]
 
     def configure_optimizers(self) -> Any:
         if self._make_optimizer is None:
@@ -108,14 +113,20 @@ class DistillationModule(ClassifierModule):
 
     The teacher is frozen explicitly (``requires_grad_(False)``, kept in eval mode through
     ``train()`` calls) and never enters the optimiser or the saved checkpoints. When
-    ``teacher_inputs`` is given (the training inputs are deterministic), the teacher runs once
-    over them at fit start on the training device and each step looks its logits up by sample
-    index; otherwise the teacher runs online on every batch.
+    ``teacher_inputs`` is given (the training inputs are deterministic and the objective needs
+    only the teacher's logits), the teacher runs once over them at fit start on the training
+    device and each step looks its logits up by sample index; otherwise it runs online.
+
+    Feature terms name layers of both models; forward hooks capture them during training steps
+    only (see ``kd.features``). A dry forward at construction gives the terms the feature
+    shapes, so a wrong layer choice fails before training and FitNets regressors exist before
+    the optimiser is built.
 
     Args:
         model: the student.
         teacher: a trained network with the same number of outputs.
-        objective: an objective with ``needs_teacher = True`` (e.g. ``SoftTargetKD``).
+        objective: an objective that needs a teacher (``SoftTargetKD``, or one with feature terms).
+        input_shape: ``(C, H, W)`` of one sample, for the dry forward of feature shapes.
         teacher_inputs: the whole training split, in sample-index order, to cache the
             teacher's logits from; None to run the teacher online.
         Others: see ``ClassifierModule``.
@@ -127,14 +138,32 @@ class DistillationModule(ClassifierModule):
         teacher: nn.Module,
         num_classes: int,
         optimizer: OptimizerFactory,
-        objective: Callable[..., dict[str, Tensor]],
+        objective: CrossEntropy,
+        input_shape: tuple[int, ...],
         scheduler: SchedulerFactory | None = None,
         teacher_inputs: Tensor | None = None,
     ) -> None:
         super().__init__(model, num_classes, optimizer, scheduler, objective)
+        if teacher_inputs is not None and objective.needs_teacher_features:
+            raise ValueError("teacher logits cannot be cached when the objective needs teacher features")
         self.teacher = teacher.requires_grad_(False).eval()
         self._teacher_inputs = teacher_inputs
         self.register_buffer("cached_teacher_logits", None, persistent=False)
+        self.student_hooks = FeatureHooks(model, objective.layers("student"), "student")
+        self.teacher_hooks = FeatureHooks(teacher, objective.layers("teacher"), "teacher")
+        if objective.needs_teacher_features:
+            objective.bind(*self._feature_shapes(input_shape))
+
+    @torch.no_grad()
+    def _feature_shapes(self, input_shape: tuple[int, ...]) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
+        was_training = self.model.training
+        self.model.eval()  # no batch-norm statistics updated by the probe
+        probe = torch.zeros(2, *input_shape, device=next(self.model.parameters()).device)
+        with self.student_hooks.capture() as student, self.teacher_hooks.capture() as teacher:
+            self.model(probe)
+            self.teacher(probe.to(next(self.teacher.parameters()).device))
+        self.model.train(was_training)
+        return {k: v.shape[1:] for k, v in student.items()}, {k: v.shape[1:] for k, v in teacher.items()}
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
@@ -143,18 +172,31 @@ class DistillationModule(ClassifierModule):
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
+        self.student_hooks.attach()
+        self.teacher_hooks.attach()
         if self._teacher_inputs is None or self.cached_teacher_logits is not None:
             return
-        chunks = []
-        for x in self._teacher_inputs.split(1024):
-            chunks.append(self.teacher(x.to(self.device)))
+        chunks = [self.teacher(x.to(self.device)) for x in self._teacher_inputs.split(1024)]
         self.cached_teacher_logits = torch.cat(chunks)  # (N_train, K), on the training device
 
     def teacher_logits(self, x: Tensor, index: Tensor) -> Tensor:
+        """The teacher's logits for a batch: looked up in the cache, or computed online."""
         if self.cached_teacher_logits is not None:
             return self.cached_teacher_logits[index]
         with torch.no_grad():
             return self.teacher(x)
+
+    def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with self.student_hooks.capture() as student, self.teacher_hooks.capture() as teacher:
+            logits = self.model(x)
+            teacher_logits = self.teacher_logits(x, index)
+        return logits, self.objective(logits, y, teacher_logits, student, teacher)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.student_hooks.remove()  # released after training; attached again by a later fit
+            self.teacher_hooks.remove()
+            self._teacher_inputs = None  # the cache is built; do not keep the inputs alive
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the teacher is obtained from its own config on resume; do not copy it into every checkpoint

@@ -69,7 +69,7 @@ def test_t_squared_keeps_soft_gradients_comparable_across_temperatures():
 def test_cross_entropy_objective_needs_no_teacher():
     zs, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
     terms = CrossEntropy()(zs, y)
-    assert not CrossEntropy.needs_teacher
+    assert not CrossEntropy().needs_teacher
     assert terms["loss"].item() == pytest.approx(F.cross_entropy(zs, y).item())
 
 

@@ -21,7 +21,7 @@ def _module(teacher_inputs: torch.Tensor | None = None) -> DistillationModule:
     student, teacher = _pair()
     return DistillationModule(
         student, teacher, num_classes=4, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        objective=SoftTargetKD(4.0, 0.9), teacher_inputs=teacher_inputs,
+        objective=SoftTargetKD(4.0, 0.9), input_shape=(1, 2, 2), teacher_inputs=teacher_inputs,
     )  # fmt: skip
 
 
