@@ -19,13 +19,18 @@ where the cached mode runs the teacher over the training split (a one-off per fi
 Target: cached/CE <= 1.1x per epoch (a lookup and a KL term must not cost a teacher pass);
 online/CE is reported, not targeted: it grows with the teacher. The ratios are medians of
 per-repeat ratios measured side by side in this process; absolute times depend on the machine
-and its load and are context only. Usage: ``.venv/bin/python benchmarks/kd_step.py [--quick]``.
+and its load and are context only.
+
+Usage: ``.venv/bin/python benchmarks/kd_step.py [--quick] [--threads N]``. Run it on an otherwise
+idle machine: with torch's default threads (one per core) any competing process stalls every
+parallel op, and the ``[min-max]`` spread and the printed load average show it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import logging
 import os
 import platform
@@ -78,7 +83,9 @@ def fit(mode: str, student: nn.Module, teacher: nn.Module, data: TensorDataModul
         module: ClassifierModule = ClassifierModule(student, k, SGD, objective=CrossEntropy())
     else:
         cache = data.train.x if mode == "cached" else None  # type: ignore[union-attr]
-        module = DistillationModule(student, teacher, k, SGD, SoftTargetKD(), teacher_inputs=cache)
+        # newer versions of the module also take the input shape (to probe feature shapes)
+        shape = {"input_shape": data.input_shape} if "input_shape" in inspect.signature(DistillationModule).parameters else {}
+        module = DistillationModule(student, teacher, k, SGD, SoftTargetKD(), teacher_inputs=cache, **shape)
     clock = Clock()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision="32-true", logger=False, callbacks=[clock],
@@ -107,7 +114,7 @@ def compare(name: str, student: Callable[[], nn.Module], teacher: Callable[[], n
     ms = {m: statistics.median(times[m]) * 1e3 for m in MODES}
     cache_ms = (statistics.median(setups["cached"]) - statistics.median(setups["CE"])) * 1e3
     ok = "ok" if ratio["cached"] <= TARGET else "MISSED"
-    return (f"{name:<34} {epochs:>2}x{repeats:<3} {ms['CE']:>8.1f} {ms['cached']:>8.1f} {ms['online']:>8.1f} "
+    return (f"{name:<36} {epochs:>2}x{repeats:<3} {ms['CE']:>8.1f} {ms['cached']:>8.1f} {ms['online']:>8.1f} "
             f"{cache_ms:>8.1f} {ratio['cached']:>5.2f}x {spread['cached']} <= {TARGET}x {ok:<6} "
             f"{ratio['online']:>5.2f}x {spread['online']}")  # fmt: skip
 
@@ -133,7 +140,7 @@ def main() -> None:
           f"load avg {os.getloadavg()[0]:.2f}")  # fmt: skip
     print("per-epoch ms: median over repeats of each repeat's median steady epoch; ratios: median of per-repeat "
           "ratios to CE [min-max over repeats]; cache ms: setup(cached) - setup(CE). Teachers are untrained (timing only).")
-    print(f"{'scenario (student <- teacher)':<34} {'ep x rep':<5} {'CE ms':>8} {'cached':>8} {'online':>8} "
+    print(f"{'scenario (student <- teacher)':<36} {'ep x rep':<5} {'CE ms':>8} {'cached':>8} {'online':>8} "
           f"{'cache ms':>8} {'cached/CE [min-max]':>18}  target {'':<6} online/CE [min-max]")  # fmt: skip
     digits = DigitsDataModule()
     digits.setup("fit")

@@ -138,8 +138,11 @@ def time_full_run(quick: bool) -> str:
             cfg = compose("config", overrides=overrides)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            metrics = run(cfg)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                metrics = run(cfg)
+        except Exception as err:  # context only: a broken job must not hide the table above
+            return f"full run(cfg), default job: FAILED ({type(err).__name__}: {str(err).splitlines()[0]})"
         seconds = time.perf_counter() - start
     what = "short: " + " ".join(short) if quick else f"teacher {cfg.teacher.max_epochs} + student {cfg.trainer.max_epochs} epochs"
     return f"full run(cfg), default job ({what}): {seconds:.1f} s, test/acc {metrics['test/acc']:.3f} (one run, context only)"
