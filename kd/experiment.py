@@ -1,7 +1,7 @@
 """One run, as a readable list of steps: data, teacher, student, fit, test, measure, log.
 
 ``run(cfg)`` is a plain function of a composed config (tests call it directly; ``run.py`` is
-only the Hydra shim) and returns the metrics, ``val/acc`` being what a sweeper optimises.
+only the Hydra shim) and returns the metrics, ``val/acc_best`` being what a sweeper optimises.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class _NoAdverts(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
+# Lightning reports the frozen teacher as "modules in eval mode" at fit start: intended.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+# Loss terms and metrics are logged per epoch, so a short epoch is no reason to warn.
+warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+# Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; not ours to fix.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -186,12 +192,6 @@ def _student_module(
 
 
 def _trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int, **overrides: Any) -> pl.Trainer:
-    # Lightning reports the frozen teacher as "modules in eval mode" at fit start: intended.
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    # Loss terms and metrics are logged per epoch, so a short epoch is no reason to warn.
-    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
-    # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; not ours to fix.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if not overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)):
         # `trainer.enable_progress_bar=false` means no bar, whatever the callbacks group holds
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
