@@ -1,0 +1,247 @@
+"""Small datasets held whole in memory as tensors, served in batches by one gather each.
+
+Per-sample PIL transforms and worker processes cost more than the model on the small
+datasets this framework trains on 2 CPU cores, so every split is a ``(N, C, H, W)`` float
+tensor, normalised once. Every sample carries its index in its split, which is what the
+teacher-logit cache looks logits up by.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is not on disk; the message says how to get it."""
+
+
+class Split(NamedTuple):
+    """One split: images ``(N, C, H, W)`` float and labels ``(N,)`` int64."""
+
+    x: Tensor
+    y: Tensor
+
+
+class IndexedTensorDataset(Dataset):
+    """``(x, y, index)`` triples from two tensors.
+
+    ``__getitems__`` lets the DataLoader fetch a whole batch with one tensor gather instead of
+    ``batch_size`` Python calls and a collate; it works with any sampler, the
+    ``DistributedSampler`` that Lightning injects under DDP included.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        return self.x[i], self.y[i], i
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[index], self.y[index], index
+
+
+class EvalShardSampler(DistributedSampler):
+    """Evaluation under DDP with every sample counted exactly once.
+
+    torch's ``DistributedSampler`` (which Lightning injects) pads the last shard with repeated
+    samples so that all ranks see equal batch counts; that matters for gradient all-reduces but
+    skews a test accuracy. Evaluation needs no per-step collectives (torchmetrics sums its
+    states once, at epoch end), so rank ``r`` simply takes samples ``r, r + W, r + 2W, ...``.
+    Being a ``DistributedSampler``, Lightning leaves it in place.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def _indices(self) -> range:
+        return range(self.rank, len(self.dataset), self.num_replicas)
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+def _already_batched(batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Collate for ``IndexedTensorDataset``: ``__getitems__`` has already built the batch."""
+    return batch
+
+
+def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
+    """Batched CIFAR augmentation on whatever device ``x`` lives: zero-pad, random crop, h-flip.
+
+    Args:
+        x: ``(B, C, H, W)``.
+        padding: pixels of zero padding on each side before the crop.
+    """
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    top = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+    left = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+    rows = top[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = left[:, None] + torch.arange(w, device=x.device)  # (B, W)
+    batch_ix = torch.arange(b, device=x.device)[:, None, None, None]
+    chan_ix = torch.arange(c, device=x.device)[None, :, None, None]
+    out = padded[batch_ix, chan_ix, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    flip = torch.rand(b, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Base DataModule: a subclass provides ``classes`` and ``load()``; this class splits,
+    normalises, slices and serves.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation and test.
+        val_fraction: fraction of the training split held out for validation (model selection).
+        split_seed: seed of the train/val (and, where the source has none, test) split.
+        limit_train: keep only the first N training samples after the split (None: all).
+        limit_eval: keep only the first N validation and test samples (None: all).
+        augment: random crop with padding and horizontal flip, batched on the training
+            device. Makes the training inputs non-deterministic, which disables the teacher
+            logit cache.
+    """
+
+    classes: tuple[str, ...] = ()
+    test_fraction: float = 0.2  # used only when the source has no official test split
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        limit_train: int | None = None,
+        limit_eval: int | None = None,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+        for name, value in (("limit_train", limit_train), ("limit_eval", limit_eval)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be a positive count or null, got {value}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.limit_train = limit_train
+        self.limit_eval = limit_eval
+        self.augment = augment
+        self.train: Split | None = None
+        self.val: Split | None = None
+        self.test: Split | None = None
+
+    # -- what a subclass provides -------------------------------------------------------
+    def load(self) -> tuple[Split, Split | None]:
+        """Return ``(train_pool, test)`` with ``x`` scaled to ``[0, 1]``; ``test`` may be None
+        when the source has no official test split (then one is carved from the pool)."""
+        raise NotImplementedError
+
+    def source(self) -> str:
+        """Where the data comes from, for the log and the fingerprint."""
+        return type(self).__name__
+
+    # -- derived facts ------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        self._require_setup()
+        return tuple(self.train.x.shape[1:])  # type: ignore[union-attr,return-value]
+
+    @property
+    def deterministic_inputs(self) -> bool:
+        """True when a training sample's input is the same every epoch (no random augmentation)."""
+        return not self.augment
+
+    def fingerprint(self) -> dict[str, object]:
+        """Everything that decides which samples a model trains and is evaluated on."""
+        return {
+            "source": self.source(),
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "limit_train": self.limit_train,
+            "limit_eval": self.limit_eval,
+            "augment": self.augment,
+        }
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        pool, test = self.load()
+        gen = torch.Generator().manual_seed(self.split_seed)
+        order = torch.randperm(len(pool.y), generator=gen)
+        if test is None:
+            n_test = int(round(self.test_fraction * len(order)))
+            test = Split(pool.x[order[:n_test]], pool.y[order[:n_test]])
+            order = order[n_test:]
+        n_val = int(round(self.val_fraction * len(order)))
+        val = Split(pool.x[order[:n_val]], pool.y[order[:n_val]])
+        train = Split(pool.x[order[n_val:]], pool.y[order[n_val:]])
+        train = _head(train, self.limit_train)
+        val, test = _head(val, self.limit_eval), _head(test, self.limit_eval)
+        # per-channel statistics of the training split only, applied to every split
+        mean = train.x.mean(dim=(0, 2, 3), keepdim=True)  # (1, C, 1, 1)
+        std = train.x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        self.train, self.val, self.test = (Split((s.x - mean) / std, s.y) for s in (train, val, test))
+        log.info(
+            "%s: %d train / %d val / %d test samples, input %s, %d classes",
+            self.source(), len(train.y), len(val.y), len(test.y), tuple(train.x.shape[1:]), self.num_classes,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.train, self.batch_size, shuffle=True)  # type: ignore[arg-type]
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.val, self.eval_batch_size, shuffle=False)  # type: ignore[arg-type]
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.test, self.eval_batch_size, shuffle=False)  # type: ignore[arg-type]
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor, Tensor], dataloader_idx: int) -> tuple:
+        if self.augment and self.trainer is not None and self.trainer.training:
+            x, y, index = batch
+            return random_crop_flip(x), y, index
+        return batch
+
+    # -- helpers ------------------------------------------------------------------------
+    def _loader(self, split: Split, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = IndexedTensorDataset(split.x, split.y)
+        sampler = None
+        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = EvalShardSampler(dataset)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=_already_batched)
+
+    def _require_setup(self) -> None:
+        if self.train is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run yet")
+
+
+def _head(split: Split, n: int | None) -> Split:
+    return split if n is None else Split(split.x[:n], split.y[:n])
