@@ -39,12 +39,20 @@ class _NoAdverts(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
-# Lightning reports the frozen teacher as "modules in eval mode" at fit start: intended.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-# Loss terms and metrics are logged per epoch, so a short epoch is no reason to warn.
-warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
-# Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; not ours to fix.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def ignore_known_warnings() -> None:
+    """Filter, narrowly, the warnings a correct run triggers (called at import; tests call it
+    again inside pytest's per-test warning capture)."""
+    # Lightning reports the frozen teacher as "modules in eval mode" at fit start: intended.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # Loss terms and metrics are logged per epoch, so a short epoch is no reason to warn.
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+    # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+ignore_known_warnings()
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

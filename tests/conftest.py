@@ -24,6 +24,14 @@ FAST = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _known_warnings() -> None:
+    """kd's narrow filters for warnings a correct run triggers, inside pytest's per-test capture."""
+    from kd.experiment import ignore_known_warnings
+
+    ignore_known_warnings()
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., DictConfig]:
     """``make_cfg("distill.alpha=0.5", fast=True)`` -> a composed config writing under tmp_path."""
