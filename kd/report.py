@@ -1,0 +1,211 @@
+"""Compare student runs read back from MLflow: ``python -m kd.report [--sweep TAG]``.
+
+Reads only what MLflow holds (tags, params, metrics of runs tagged ``kd.role=student``), groups
+the FINISHED runs by every config but the seed (objective, temperature, alpha), and writes
+``runs.csv``, ``summary.csv``, ``summary.md`` and a temperature x alpha ``heatmap.png`` to
+``--out``. RUNNING and FAILED runs are listed in ``runs.csv`` but left out of every statistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from rich.table import Table
+
+from kd.tracking import resolve_uri
+
+COLUMNS = ["run_id", "name", "status", "objective", "temperature", "alpha", "seed",
+           "val/acc_best", "test/acc", "params", "compression_ratio", "teacher/test_acc"]  # fmt: skip
+METRICS = {"val/acc_best": "val/acc_best", "test/acc": "test/acc", "params": "model/params",
+           "compression_ratio": "model/compression_ratio", "teacher/test_acc": "teacher/test_acc"}  # fmt: skip
+NOTE = ("model selection used validation only; test accuracy is that of the validation-selected "
+        "epoch; std is the population std (ddof=0) over seeds")  # fmt: skip
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def load_runs(client: MlflowClient, experiment: str, sweep: str | None = None, metric: str = "test/acc") -> list[dict[str, Any]]:
+    """One row per student run of ``experiment`` (optionally of one sweep), oldest first.
+
+    Args:
+        client: a client on the store to read.
+        experiment: MLflow experiment name.
+        sweep: keep only runs whose tag ``kd.sweep`` equals this.
+        metric: a metric to add as a column when it is not one of ``COLUMNS`` already.
+
+    Returns:
+        Dicts with the keys of ``COLUMNS`` (plus ``metric``); a value the run lacks is None.
+        Empty when the experiment does not exist.
+    """
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = "tags.`kd.role` = 'student'" + (f" and tags.`kd.sweep` = '{sweep}'" if sweep else "")
+    metrics = METRICS | ({} if metric in METRICS else {metric: metric})
+    rows, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], query, ViewType.ACTIVE_ONLY, 1000,
+                                  ["attributes.start_time ASC"], page_token=token)  # fmt: skip
+        for run in page:
+            params, tags = run.data.params, run.data.tags
+            seed = _number(params.get("seed"))
+            row = {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "objective": tags.get("kd.objective", "?").split(" ")[0],  # "kd T=4 a=0.9" -> "kd"
+                "temperature": _number(params.get("distill.temperature")),
+                "alpha": _number(params.get("distill.alpha")),
+                "seed": int(seed) if seed is not None else None,
+            }
+            rows.append(row | {column: run.data.metrics.get(key) for column, key in metrics.items()})
+        token = page.token
+        if not token:
+            return rows
+
+
+def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Mean and population std (ddof=0) of ``metric`` over seeds, per (objective, temperature,
+    alpha), from the FINISHED rows that have the metric; sorted by the group key."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row["status"] == "FINISHED" and row.get(metric) is not None:
+            groups.setdefault((row["objective"], row["temperature"], row["alpha"]), []).append(row[metric])
+
+    def order(key: tuple) -> tuple:
+        return tuple((value is None, value if value is not None else 0) for value in key)
+
+    return [
+        {"objective": o, "temperature": t, "alpha": a, "n": len(v), "mean": statistics.fmean(v), "std": statistics.pstdev(v)}
+        for (o, t, a), v in sorted(groups.items(), key=lambda item: order(item[0]))
+    ]
+
+
+def _fmt(value: Any, metric: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and "acc" in metric:
+        return f"{value:.2%}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
+def _markdown(summary: list[dict[str, Any]], metric: str, header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summary:
+        cells = [s["objective"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]), _fmt(s["mean"], metric), _fmt(s["std"], metric)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{metric}: {NOTE}.\n"
+
+
+def heatmap(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str, experiment: str, path: Path) -> Path | None:
+    """Mean ``metric`` over seeds on a temperature x alpha grid, for the soft-target objective
+    with the most finished runs; None (nothing drawn) unless it has >= 2 temperatures or alphas."""
+    kd = [s for s in summary if s["temperature"] is not None and s["alpha"] is not None]
+    if not kd:
+        return None
+    objective = max({s["objective"] for s in kd}, key=lambda o: sum(s["n"] for s in kd if s["objective"] == o))
+    cells = {(s["temperature"], s["alpha"]): s["mean"] for s in kd if s["objective"] == objective}
+    temps, alphas = sorted({t for t, _ in cells}), sorted({a for _, a in cells})
+    if len(temps) < 2 and len(alphas) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    scale = 100.0 if "acc" in metric else 1.0
+    grid = np.full((len(alphas), len(temps)), np.nan)
+    for (t, a), mean in cells.items():
+        grid[alphas.index(a), temps.index(t)] = mean * scale
+    fig, ax = plt.subplots(figsize=(1.4 * len(temps) + 3, 1.0 * len(alphas) + 2.5))
+    image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap="viridis", aspect="auto")
+    for i, j in zip(*np.nonzero(~np.isnan(grid)), strict=True):
+        dark = image.norm(grid[i, j]) < 0.6  # viridis: light text on the dark (low) end
+        ax.text(j, i, f"{grid[i, j]:.2f}" + ("%" if scale == 100.0 else ""), ha="center", va="center", color="w" if dark else "k")
+    ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
+    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("alpha (weight of the soft term)")
+    fig.colorbar(image, ax=ax).set_label(f"{metric}" + (" (%)" if scale == 100.0 else ""))
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    teacher = [r["teacher/test_acc"] for r in finished if r.get("teacher/test_acc") is not None]
+    baseline = [r[metric] for r in finished if r["objective"] == "ce" and r.get(metric) is not None]
+    refs = ([f"teacher test acc {statistics.fmean(teacher):.2%}"] if teacher else []) + (
+        [f"no-teacher baseline (ce) {_fmt(statistics.fmean(baseline), metric)}"] if baseline else [])  # fmt: skip
+    title = f"{experiment}: mean {metric} over seeds ({objective})"
+    ax.set_title(title + ("\n" + ", ".join(refs) if refs else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (2: nothing to report)."""
+    parser = argparse.ArgumentParser(prog="python -m kd.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", default=None, help="tracking URI (default: as a run resolves it)")
+    parser.add_argument("--experiment", default="kd", help="MLflow experiment name (default: kd)")
+    parser.add_argument("--sweep", default=None, help="only runs whose tag kd.sweep equals this")
+    parser.add_argument("--out", type=Path, default=None, help="default: outputs/reports/<experiment>")
+    parser.add_argument("--metric", default="test/acc", help="metric to compare (default: test/acc)")
+    args = parser.parse_args(argv)
+    uri = resolve_uri(args.uri, Path("outputs"))
+    console = Console()
+    where = f"experiment '{args.experiment}'" + (f", sweep '{args.sweep}'" if args.sweep else "")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        rows = []  # opening a missing SQLite store would create an empty one
+    else:
+        rows = load_runs(MlflowClient(tracking_uri=uri), args.experiment, args.sweep, args.metric)
+    summary = summarise(rows, args.metric)
+    if not summary:
+        why = f"{len(rows)} student run(s), none FINISHED with {args.metric}" if rows else "no student runs"
+        console.print(f"kd.report: nothing to report: {why} ({where} in {uri})", soft_wrap=True, highlight=False)
+        return 2
+
+    out = args.out if args.out is not None else Path("outputs") / "reports" / args.experiment
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "runs.csv", rows)
+    _write_csv(out / "summary.csv", summary)
+    header = ["objective", "T", "alpha", "n", f"mean {args.metric}", "std"]
+    (out / "summary.md").write_text(_markdown(summary, args.metric, header))
+
+    table = Table(title=f"kd report: {where}", title_justify="left", caption=f"{args.metric}: {NOTE}", caption_justify="left")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for s in summary:
+        table.add_row(s["objective"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
+                      _fmt(s["mean"], args.metric), _fmt(s["std"], args.metric))  # fmt: skip
+    console.print(table)
+    console.print(f"store: {uri}", soft_wrap=True)
+    left_out = [r for r in rows if r["status"] != "FINISHED"]
+    if left_out:
+        counts = {s: sum(r["status"] == s for r in left_out) for s in sorted({r["status"] for r in left_out})}
+        console.print("not in the statistics: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    png = heatmap(rows, summary, args.metric, args.experiment, out / "heatmap.png")
+    console.print(f"heatmap: {png}" if png else "heatmap: skipped (kd runs have a single temperature and a single alpha)", soft_wrap=True)
+    console.print(f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}", soft_wrap=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
