@@ -26,7 +26,7 @@ from kd.measure import measure
 from kd.modules import ClassifierModule, DistillationModule
 from kd.summary import print_summary, summary_metrics
 from kd.teacher import Teacher, fingerprint, obtain_teacher, seeded
-from kd.tracking import Tracker, flatten, hydra_context, resolve_uri
+from kd.tracking import Tracker, config_hash, flatten, hydra_context, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     context = hydra_context()
     name = cfg.tracking.run_name or _run_name(cfg, objective, context)
-    with tracker.open_run(name, {"kd.role": "student", "kd.objective": objective.describe(), **context["tags"]}) as run_id:
+    fingerprint_cfg = config_hash(cfg)
+    if cfg.resume and (done := tracker.finished_run(fingerprint_cfg)) is not None:
+        log.info("resume: skipping '%s', FINISHED as run %s", name, done.pop("run_id"))
+        return done
+    tags = {"kd.role": "student", "kd.objective": objective.describe(), "kd.config_hash": fingerprint_cfg}
+    with tracker.open_run(name, tags | context["tags"]) as run_id:
         tracker.log_config(run_id, cfg)
 
         # 2. The teacher: loaded, reused by fingerprint, or trained once here.

@@ -11,6 +11,7 @@ Every run this module opens ends FINISHED, or FAILED with the reason in the tag
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -192,6 +193,17 @@ class Tracker:
         if self.enabled:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def finished_run(self, config_hash: str) -> dict[str, float] | None:
+        """The metrics of a FINISHED student run of this experiment with ``config_hash``, if any."""
+        if not self.enabled:
+            return None
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`kd.config_hash` = '{config_hash}' and attributes.status = 'FINISHED'",
+            max_results=1,
+        )
+        return dict(runs[0].data.metrics) | {"run_id": runs[0].info.run_id} if runs else None
+
     def lightning_logger(self, run_id: str) -> RunLogger | bool:
         """A Lightning logger writing into ``run_id``, or False (no logger) when disabled."""
         if not self.enabled:
@@ -204,6 +216,18 @@ class Tracker:
             return f"open {self.uri}"
         beside = Path(sys.executable).parent / "mlflow"  # the virtualenv's own mlflow, if any
         return f"{beside if beside.exists() else 'mlflow'} ui --backend-store-uri {self.uri}"
+
+
+# Config keys that decide where and how visibly a job runs, not what it computes.
+_NOT_RESULTS = ("paths", "tracking", "resume", "callbacks.progress", "trainer.enable_progress_bar")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config without output locations and display switches: two jobs
+    with equal hashes compute the same thing (what ``resume=true`` skips on)."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=False))
+    kept = {k: v for k, v in flat.items() if not k.startswith(_NOT_RESULTS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def hydra_context() -> dict[str, Any]:

@@ -143,3 +143,24 @@ def test_a_run_leaves_the_tracking_uri_environment_as_it_found_it(make_cfg):
 
     run(make_cfg("distill=none"))
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the next run resolves its own store
+
+
+def test_resume_skips_finished_configs_and_reruns_failed_ones(make_cfg, monkeypatch):
+    first = run(make_cfg("resume=true"))
+    again = run(make_cfg("resume=true", "trainer.enable_progress_bar=true"))  # display switches do not count
+    assert again["test/acc"] == pytest.approx(first["test/acc"])
+    cfg = make_cfg("resume=true")
+    assert len(_runs(cfg, "student")) == 1  # skipped: no second run
+
+    def boom(self, batch, batch_idx):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DistillationModule, "training_step", boom)
+        with pytest.raises(RuntimeError):
+            run(make_cfg("resume=true", "seed=5"))
+    run(make_cfg("resume=true", "seed=5"))  # the FAILED config runs again
+    statuses = sorted(r.info.status for r in _runs(cfg, "student"))
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"]
+    run(make_cfg("resume=false"))  # resume off: always a new run
+    assert len(_runs(cfg, "student")) == 4
