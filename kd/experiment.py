@@ -129,6 +129,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+# Trainer arguments that change what is shown, not what is trained (max_epochs: the teacher's own).
+_DISPLAY_ONLY = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "num_sanity_val_steps", "max_epochs"}
+
+
 def _obtain_teacher(
     cfg: DictConfig, data: TensorDataModule, build: Any, tracker: Tracker, context: dict[str, Any]
 ) -> Teacher:
@@ -140,7 +144,9 @@ def _obtain_teacher(
         "max_epochs": tcfg.max_epochs,
         "optimizer": OmegaConf.to_container(tcfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(tcfg.scheduler, resolve=True) if tcfg.scheduler else None,
-        "precision": str(cfg.trainer.get("precision", "32-true")),
+        # everything in the trainer that changes the weights (limit_train_batches under
+        # trainer=debug, precision, devices and strategy: DDP changes the effective batch)
+        "trainer": {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _DISPLAY_ONLY},
     }
 
     def make_module(model: nn.Module) -> ClassifierModule:

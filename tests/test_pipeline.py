@@ -164,3 +164,12 @@ def test_resume_skips_finished_configs_and_reruns_failed_ones(make_cfg, monkeypa
     assert statuses == ["FAILED", "FINISHED", "FINISHED"]
     run(make_cfg("resume=false"))  # resume off: always a new run
     assert len(_runs(cfg, "student")) == 4
+
+
+def test_a_debug_trained_teacher_is_never_reused_by_a_real_run(make_cfg):
+    cfg = make_cfg("trainer=debug", "teacher.max_epochs=3")
+    run(cfg)
+    run(make_cfg("teacher.max_epochs=3", "trainer.enable_progress_bar=true"))  # display switches do not count
+    assert len(_runs(cfg, "teacher")) == 2
+    run(make_cfg("teacher.max_epochs=3"))
+    assert len(_runs(cfg, "teacher")) == 2  # ... but the same real recipe is reused
