@@ -103,7 +103,9 @@ class Tracker:
         existing = self.client.get_experiment_by_name(self.experiment_name)
         if existing is not None:
             return existing.experiment_id
-        location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+        local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+        # a server keeps artifacts where it was told to (proxied); only a local store gets ours
+        location = artifact_root.resolve().as_uri() if artifact_root is not None and local else None
         try:
             return self.client.create_experiment(self.experiment_name, artifact_location=location)
         except MlflowException:  # a parallel job created it first
