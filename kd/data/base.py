@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,25 @@ class IndexedTensorDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return self.x[index], self.y[index], index
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A shuffle that depends only on the seed and the epoch (Lightning calls ``set_epoch``), so
+    a run resumed from a checkpoint sees the same batches as one that was never interrupted.
+    The seed is torch's at construction (``seed_everything`` sets it). Under DDP Lightning
+    replaces it, being a ``RandomSampler``, by its own seeded ``DistributedSampler``."""
+
+    def __init__(self, data_source: Dataset) -> None:
+        super().__init__(data_source)
+        self.seed = torch.initial_seed()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % (2**63 - 1))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class EvalShardSampler(DistributedSampler):
@@ -233,10 +252,10 @@ class TensorDataModule(pl.LightningDataModule):
     # -- helpers ------------------------------------------------------------------------
     def _loader(self, split: Split, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = IndexedTensorDataset(split.x, split.y)
-        sampler = None
+        sampler: Sampler | None = EpochShuffleSampler(dataset) if shuffle else None
         if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = EvalShardSampler(dataset)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=_already_batched)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_already_batched)
 
     def _require_setup(self) -> None:
         if self.train is None:
