@@ -1,1 +1,9 @@
-"""kd: knowledge distillation and model compression on Lightning, Hydra and MLflow."""
+"""kd: knowledge distillation and model compression (Lightning + Hydra + MLflow)."""
+
+from kd import config as _config  # noqa: F401  (registers the OmegaConf resolvers)
+
+import logging as _logging
+
+# torch warns at import, on a machine with a CUDA toolkit path but no GPU, that it found no
+# CUDA runtime; kd runs on such machines by design (CPU), so the line is noise.
+_logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)

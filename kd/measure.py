@@ -2,13 +2,18 @@
 
 These are the compression numbers every run reports, for the teacher and the student alike.
 Masks do not make a model smaller: ``size_bytes`` is the serialised dense state dict, and
-``nonzero_params`` counts what a sparse format could drop.
+``nonzero_params`` counts what a sparse format could drop; ``size_bytes_zip`` (the state dict
+through zlib) and ``size_bytes_sparse`` (each tensor stored dense or as values + indices,
+whichever is smaller) say what the zeros are worth on disk. Only a physically smaller model
+(fewer channels) is faster: latency and MACs of a masked model are those of the dense one.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import math
+import zlib
 
 import torch
 from torch import nn
@@ -31,6 +36,34 @@ def state_dict_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
+
+
+def zip_bytes(model: nn.Module) -> int:
+    """Bytes of the serialised state dict after zlib (level 6): what zeros save a plain archive."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(zlib.compress(buffer.getbuffer(), 6))
+
+
+def sparse_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters when each tensor is stored either dense or as its non-zero values
+    plus their flat indices (the smallest unsigned integer that holds ``numel``), whichever is
+    smaller. Buffers (batch-norm statistics) count dense."""
+    total = 0
+    for p in model.parameters():
+        nnz, numel = int(torch.count_nonzero(p.detach())), p.numel()
+        index_bytes = max(1, math.ceil(math.log2(max(numel, 2)) / 8))
+        total += min(numel * p.element_size(), nnz * (p.element_size() + index_bytes))
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def layer_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of exact zeros in the weight of every convolution and linear layer, by name."""
+    return {
+        name: 1.0 - int(torch.count_nonzero(m.weight.detach())) / m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    }
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -56,14 +89,19 @@ def measure(
     """All measurements of ``model`` on the CPU, in eval mode, on a copy (the model is untouched).
 
     Returns:
-        ``params``, ``nonzero_params``, ``size_bytes``, ``macs`` and, when ``latency`` is set,
-        ``latency_ms_b1`` and ``latency_ms_b<large_batch>`` (medians).
+        ``params``, ``nonzero_params``, ``sparsity_all`` (zero fraction of all parameters),
+        ``size_bytes``, ``size_bytes_zip``, ``size_bytes_sparse``, ``macs`` and, when ``latency``
+        is set, ``latency_ms_b1`` and ``latency_ms_b<large_batch>`` (medians).
     """
     probe = copy.deepcopy(model).cpu().eval()
+    params, nonzero = count_params(probe), count_nonzero(probe)
     result: dict[str, float] = {
-        "params": count_params(probe),
-        "nonzero_params": count_nonzero(probe),
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity_all": 1.0 - nonzero / params if params else 0.0,
         "size_bytes": state_dict_bytes(probe),
+        "size_bytes_zip": zip_bytes(probe),
+        "size_bytes_sparse": sparse_bytes(probe),
         "macs": count_macs(probe, input_shape),
     }
     if latency:

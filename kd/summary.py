@@ -14,10 +14,12 @@ if TYPE_CHECKING:
 
 
 def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Ratios teacher / student, when there is a teacher: how much smaller and faster."""
+    """Ratios teacher / student, when there is a teacher, and dense / pruned student, when it
+    was pruned: how much smaller and faster."""
+    ratios = _pruning_ratios(metrics) if "dense/params" in metrics else {}
     if "teacher/params" not in metrics:
-        return {}
-    ratios = {
+        return ratios
+    ratios |= {
         "model/compression_ratio": metrics["teacher/params"] / metrics["model/params"],
         "model/size_ratio": metrics["teacher/size_bytes"] / metrics["model/size_bytes"],
     }
@@ -26,11 +28,26 @@ def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return ratios
 
 
+def _pruning_ratios(metrics: dict[str, float]) -> dict[str, float]:
+    ratios = {
+        "prune/param_reduction": metrics["dense/params"] / metrics["model/params"],
+        "prune/nonzero_reduction": metrics["dense/params"] / max(metrics["model/nonzero_params"], 1),
+        "prune/size_reduction_zip": metrics["dense/size_bytes"] / metrics["model/size_bytes_zip"],
+        "prune/size_reduction_sparse": metrics["dense/size_bytes"] / metrics["model/size_bytes_sparse"],
+    }
+    if metrics.get("model/macs"):
+        ratios["prune/mac_reduction"] = metrics["dense/macs"] / metrics["model/macs"]
+    for key in [k for k in metrics if k.startswith("dense/latency_ms_b")]:
+        ratios[f"prune/speedup_{key.rsplit('_', 1)[1]}"] = metrics[key] / metrics[key.replace("dense/", "model/")]
+    return ratios
+
+
 def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None, tracker: Tracker) -> None:
     table = Table(title=f"kd run: {name}", title_justify="left")
     table.add_column("")
     table.add_column("test acc", justify="right")
     table.add_column("params", justify="right")
+    table.add_column("non-zero", justify="right")
     table.add_column("size", justify="right")
     table.add_column("MACs", justify="right")
     table.add_column("latency b=1", justify="right")
@@ -42,6 +59,7 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
             label if not prefix else f"teacher ({teacher.source})",
             f"{acc:.2%}",
             f"{int(metrics[key + 'params']):,}",
+            f"{int(metrics[key + 'nonzero_params']):,}",
             f"{metrics[key + 'size_bytes'] / 1024:.1f} KiB",
             f"{int(metrics[key + 'macs']):,}",
             f"{metrics[key + 'latency_ms_b1']:.3f} ms" if key + "latency_ms_b1" in metrics else "-",
@@ -53,5 +71,17 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
             f"compression: {metrics['model/compression_ratio']:.1f}x fewer parameters, "
             f"{metrics['model/size_ratio']:.1f}x smaller on disk; accuracy "
             f"{metrics['test/acc'] - metrics['teacher/test_acc']:+.2%} vs the teacher"
+        )
+    if "prune/param_reduction" in metrics:
+        speedup = next((v for k, v in metrics.items() if k.startswith("prune/speedup_b") and k != "prune/speedup_b1"), None)
+        console.print(
+            f"pruning: {metrics['model/sparsity_all']:.1%} of all parameters zero; vs the dense student "
+            f"{metrics['prune/param_reduction']:.2f}x fewer parameters, {metrics['prune/nonzero_reduction']:.2f}x fewer "
+            f"non-zeros, {metrics['prune/size_reduction_zip']:.2f}x smaller zipped"
+            + (
+                f", {metrics['prune/mac_reduction']:.2f}x fewer MACs, {speedup:.2f}x faster at the large batch"
+                if metrics["prune/param_reduction"] > 1 and speedup and "prune/mac_reduction" in metrics
+                else " (masks: same shapes, MACs and speed as dense)"
+            )
         )
     console.print(f"MLflow: {tracker.ui_command()}  (experiment '{tracker.experiment_name}')", soft_wrap=True)

@@ -75,7 +75,7 @@ def obtain_teacher(
     """
     fp = fingerprint(recipe)
     if checkpoint:
-        model = load_weights(build(), checkpoint, allow_pickle=allow_pickle)
+        model = load_weights(build(), checkpoint, allow_pickle, data.input_shape)
         log.info("teacher loaded from %s", checkpoint)
         return Teacher(model, "checkpoint", fp, Path(checkpoint), {})
 
