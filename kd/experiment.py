@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
+from callbacks import PruningCallback
 from kd.checkpoint import load_weights, save_weights
 from kd.data import TensorDataModule
 from kd.measure import measure
@@ -68,10 +69,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     _check_keys(cfg.trainer)
     student = seeded(cfg.seed, build_student)()
     if cfg.student.init_checkpoint:
-        load_weights(student, cfg.student.init_checkpoint, allow_pickle=cfg.student.allow_pickle)
+        load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
     if build_teacher is not None:
         build_teacher()  # architecture errors surface now, not after a teacher was trained
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
+    pruner: PruningCallback | None = instantiate(cfg.prune) if cfg.get("prune") else None
+    if pruner is not None:
+        pruner.build_model = build_student  # lottery tickets' random re-initialisation
+        pruner.check(student, data.input_shape, cfg.trainer.max_epochs)  # layer names and amounts, before any training
+        callbacks["prune"] = pruner
+        for c in callbacks.values():
+            if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
+                c.monitor = pruner.selection_key  # select among epochs at the final sparsity only
 
     output_root = Path(cfg.paths.output_root)
     tracker = Tracker(
@@ -81,7 +90,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         enabled=rank_zero_only.rank == 0,
     )
     context = hydra_context()
-    name = cfg.tracking.run_name or _run_name(cfg, objective, context)
+    name = cfg.tracking.run_name or _run_name(cfg, objective, context, pruner)
     fingerprint_cfg = config_hash(cfg)
     if cfg.resume and (done := tracker.finished_run(fingerprint_cfg)) is not None:
         log.info("resume: skipping '%s', FINISHED as run %s", name, done.pop("run_id"))
@@ -116,6 +125,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             return final  # under DDP, rank zero alone measures and logs
 
         # 5. Measure teacher and student the same way; log, save, summarise.
+        extras = {}
+        if pruner is not None:  # masks folded in (and channels removed): measure what is saved
+            final.update({f"dense/{k}": v for k, v in _measure(cfg, pruner.dense_view(module.model), data).items()})
+            module.model = pruner.finalize(module.model)
+            extras = pruner.saved_extras()
+            for path in pruner.artifacts(Path(cfg.paths.run_dir)):
+                tracker.log_artifact(run_id, path)
         final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
         if teacher is not None:
             final["teacher/test_acc"] = teacher_acc
@@ -123,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         final.update(summary_metrics(final))
         tracker.log_metrics(run_id, final, step=trainer.global_step)
         metrics = {"test/acc": float(tested["test/acc"]), **final}
-        tracker.log_artifact(run_id, save_weights(module.model, Path(cfg.paths.run_dir) / "student.pt"))
+        tracker.log_artifact(run_id, save_weights(module.model, Path(cfg.paths.run_dir) / "student.pt", extras))
         tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
         print_summary(name, metrics, teacher, tracker)
     return metrics
@@ -227,13 +243,14 @@ def _test_accuracy(cfg: DictConfig, model: nn.Module, data: TensorDataModule) ->
     return float(_trainer(cfg, [], False, 1, **quiet).test(module, datamodule=data, verbose=False)[0]["test/acc"])
 
 
-def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any]) -> str:
+def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any], pruner: PruningCallback | None) -> str:
     choices = context["choices"]
     student = choices.get("model@student.model", "student")
+    what = objective.describe() + (f" + {pruner.describe()}" if pruner is not None else "")
     if not objective.needs_teacher:
-        return f"{student} {objective.describe()} seed={cfg.seed}"
+        return f"{student} {what} seed={cfg.seed}"
     teacher = choices.get("model@teacher.model", "teacher")
-    return f"{student}<-{teacher} {objective.describe()} seed={cfg.seed}"
+    return f"{student}<-{teacher} {what} seed={cfg.seed}"
 
 
 def _flat_recipe(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -124,3 +124,17 @@ def test_disabling_the_progress_bar_drops_the_progress_callback(make_cfg):
     built = [instantiate(c) for c in cfg.callbacks.values()]
     trainer = _trainer(cfg, built, False, 1)
     assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+
+
+@pytest.mark.parametrize("option", _options("prune"))
+def test_every_prune_option_instantiates_and_fits_the_default_student(make_cfg, option):
+    from kd.models import MLP
+
+    cfg = make_cfg(f"prune={option}", "trainer.max_epochs=10")
+    if option == "none":
+        assert not cfg.prune  # no callback: the run has no pruning
+        return
+    pruner = instantiate(cfg.prune)
+    assert isinstance(pruner, callbacks.PruningCallback)
+    pruner.build_model = lambda: MLP(10, (1, 8, 8), hidden=[32])
+    pruner.check(MLP(10, (1, 8, 8), hidden=[32]), (1, 8, 8), cfg.trainer.max_epochs)
