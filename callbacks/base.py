@@ -121,12 +121,15 @@ class PruningCallback(Callback):
 
     def dense_view(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` with every mask folded into its weights and the original shapes:
-        the dense reference a pruned model is measured against."""
+        the dense reference a pruned model is measured against (torch's pruning
+        reparametrisation removed, keep-mask buffers ``*_mask`` dropped)."""
         probe = copy.deepcopy(model)
         for module in probe.modules():
             for hook in list(module._forward_pre_hooks.values()):
                 if isinstance(hook, prune.BasePruningMethod):
                     prune.remove(module, hook._tensor_name)
+            for name in [n for n in module._buffers if n.endswith("_mask")]:
+                del module._buffers[name]
         return probe
 
     def saved_extras(self) -> dict[str, Any]:

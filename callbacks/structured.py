@@ -119,7 +119,7 @@ class StructuredPruning(PruningCallback):
         self._pruned: dict[str, Tensor] = {}  # root layer -> bool per output channel (checkpointed)
         self._done: list[int] = []
         self._lr_scaled = False
-        self._zeros: list[tuple[nn.Parameter, int, Tensor]] | None = None
+        self._zeros: list[tuple[nn.Parameter, Tensor]] | None = None  # (param, keep-mask)
 
     # ---- configuration ------------------------------------------------------------------
     def describe(self) -> str:
@@ -284,17 +284,19 @@ class StructuredPruning(PruningCallback):
 
     # ---- zeros, penalties, physical removal ---------------------------------------------
     def _apply_zeros(self) -> None:
+        """Multiply every parameter a pruned channel touches by its keep-mask (one fused op)."""
         if self._zeros is None:
-            self._zeros = []
+            keep: dict[int, tuple[nn.Parameter, Tensor]] = {}
             for root, members in self._groups.items():
                 pruned = self._pruned[root]
                 if pruned.any():
                     for m in members:
-                        index = m.index[pruned[m.root]]
-                        self._zeros.append((m.param, m.dim, index.to(m.param.device)))
-        with torch.no_grad():
-            for param, dim, index in self._zeros:
-                param.index_fill_(dim, index, 0.0)
+                        param, mask = keep.setdefault(id(m.param), (m.param, torch.ones_like(m.param, dtype=torch.bool)))
+                        mask.index_fill_(m.dim, m.index[pruned[m.root]].to(mask.device), False)
+            self._zeros = list(keep.values())
+        if self._zeros:
+            with torch.no_grad():
+                torch._foreach_mul_([p for p, _ in self._zeros], [k for _, k in self._zeros])
 
     @torch.no_grad()
     def _add_penalty_gradient(self, model: nn.Module) -> None:
