@@ -106,7 +106,8 @@ class MagnitudePruning(PruningCallback):
                 raise ValueError(f"prune.amounts pattern {pattern!r} matches no pruned layer")
 
     def describe(self) -> str:
-        return f"prune {self.schedule.kind} s={self.sparsity:g}"
+        kind = "magnitude" if self.schedule.kind == "oneshot" else self.schedule.kind
+        return f"prune {kind}{'-global' if self.scope == 'global' else ''} s={self.sparsity:g}"
 
     def final_sparsity(self, layer: str) -> float:
         if self._picked is not None:

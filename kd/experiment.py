@@ -95,7 +95,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.resume and (done := tracker.finished_run(fingerprint_cfg)) is not None:
         log.info("resume: skipping '%s', FINISHED as run %s", name, done.pop("run_id"))
         return done
-    tags = {"kd.role": "student", "kd.objective": objective.describe(), "kd.config_hash": fingerprint_cfg}
+    tags = {
+        "kd.role": "student",
+        "kd.objective": objective.describe(),
+        "kd.compression": pruner.describe() if pruner is not None else "none",
+        "kd.config_hash": fingerprint_cfg,
+    }
     with tracker.open_run(name, tags | context["tags"]) as run_id:
         tracker.log_config(run_id, cfg)
 

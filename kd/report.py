@@ -1,9 +1,11 @@
 """Compare student runs read back from MLflow: ``python -m kd.report [--sweep TAG]``.
 
 Reads only what MLflow holds (tags, params, metrics of runs tagged ``kd.role=student``), groups
-the FINISHED runs by every config but the seed (objective, temperature, alpha), and writes
-``runs.csv``, ``summary.csv``, ``summary.md`` and a temperature x alpha ``heatmap.png`` to
-``--out``. RUNNING and FAILED runs are listed in ``runs.csv`` but left out of every statistic.
+the FINISHED runs by every config but the seed (objective, compression, temperature, alpha), and
+writes ``runs.csv``, ``summary.csv``, ``summary.md``, a temperature x alpha ``heatmap.png`` and,
+when the runs differ in size, ``tradeoff.png`` (accuracy vs non-zero parameters, zipped size and
+latency, Pareto front marked) to ``--out``. RUNNING and FAILED runs are listed in ``runs.csv``
+but left out of every statistic.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ from rich.table import Table
 
 from kd.tracking import resolve_uri
 
-COLUMNS = ["run_id", "name", "status", "objective", "temperature", "alpha", "seed",
-           "val/acc_best", "test/acc", "params", "compression_ratio", "teacher/test_acc"]  # fmt: skip
+COLUMNS = ["run_id", "name", "status", "objective", "compression", "temperature", "alpha", "seed",
+           "val/acc_best", "test/acc", "params", "nonzero_params", "size_bytes_zip", "latency_ms_b256",
+           "compression_ratio", "teacher/test_acc"]  # fmt: skip
 METRICS = {"val/acc_best": "val/acc_best", "test/acc": "test/acc", "params": "model/params",
+           "nonzero_params": "model/nonzero_params", "size_bytes_zip": "model/size_bytes_zip",
+           "latency_ms_b256": "model/latency_ms_b256",
            "compression_ratio": "model/compression_ratio", "teacher/test_acc": "teacher/test_acc"}  # fmt: skip
+# the x axes of the trade-off plot: (column, label, scale)
+SIZES = [("nonzero_params", "non-zero parameters", 1.0), ("size_bytes_zip", "size on disk, zipped (KiB)", 1 / 1024),
+         ("latency_ms_b256", "CPU latency at batch 256 (ms)", 1.0)]  # fmt: skip
 NOTE = ("model selection used validation only; test accuracy is that of the validation-selected "
         "epoch; std is the population std (ddof=0) over seeds")  # fmt: skip
 
@@ -66,6 +74,7 @@ def load_runs(client: MlflowClient, experiment: str, sweep: str | None = None, m
                 "name": run.info.run_name,
                 "status": run.info.status,
                 "objective": tags.get("kd.objective", "?").split(" ")[0],  # "kd T=4 a=0.9" -> "kd"
+                "compression": tags.get("kd.compression", "none").removeprefix("prune "),
                 "temperature": _number(params.get("distill.temperature")),
                 "alpha": _number(params.get("distill.alpha")),
                 "seed": int(seed) if seed is not None else None,
@@ -77,20 +86,75 @@ def load_runs(client: MlflowClient, experiment: str, sweep: str | None = None, m
 
 
 def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Mean and population std (ddof=0) of ``metric`` over seeds, per (objective, temperature,
-    alpha), from the FINISHED rows that have the metric; sorted by the group key."""
-    groups: dict[tuple, list[float]] = {}
+    """Mean and population std (ddof=0) of ``metric`` over seeds, per (objective, compression,
+    temperature, alpha), from the FINISHED rows that have the metric, with the mean of each size
+    column of ``SIZES``; sorted by the group key."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if row["status"] == "FINISHED" and row.get(metric) is not None:
-            groups.setdefault((row["objective"], row["temperature"], row["alpha"]), []).append(row[metric])
+            groups.setdefault((row["objective"], row.get("compression", "none"), row["temperature"], row["alpha"]), []).append(row)
 
     def order(key: tuple) -> tuple:
         return tuple((value is None, value if value is not None else 0) for value in key)
 
+    summary = []
+    for (o, c, t, a), members in sorted(groups.items(), key=lambda item: order(item[0])):
+        values = [r[metric] for r in members]
+        sizes = {k: statistics.fmean(v) if (v := [r[k] for r in members if r.get(k) is not None]) else None for k, _, _ in SIZES}
+        summary.append({"objective": o, "compression": c, "temperature": t, "alpha": a, "n": len(values),
+                        "mean": statistics.fmean(values), "std": statistics.pstdev(values)} | sizes)  # fmt: skip
+    return summary
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (smaller x, larger y)."""
     return [
-        {"objective": o, "temperature": t, "alpha": a, "n": len(v), "mean": statistics.fmean(v), "std": statistics.pstdev(v)}
-        for (o, t, a), v in sorted(groups.items(), key=lambda item: order(item[0]))
-    ]
+        i for i, (x, y) in enumerate(points)
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in points)
+    ]  # fmt: skip
+
+
+def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str, experiment: str, path: Path) -> Path | None:
+    """``metric`` against size, one panel per measure of ``SIZES``, a point per config (mean over
+    seeds), the Pareto front joined; the teacher as a reference line. None unless at least two
+    configs differ in non-zero parameters."""
+    sized = [s for s in summary if s.get("nonzero_params") is not None]
+    if len({s["nonzero_params"] for s in sized}) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100.0 if "acc" in metric else 1.0
+    panels = [(k, label, f) for k, label, f in SIZES if sum(s.get(k) is not None for s in sized) >= 2]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    teacher = [r["teacher/test_acc"] for r in rows if r["status"] == "FINISHED" and r.get("teacher/test_acc") is not None]
+    for ax, (key, label, factor) in zip(axes[0], panels):
+        here = [s for s in sized if s.get(key) is not None]
+        points = [(s[key] * factor, s["mean"] * scale) for s in here]
+        front = sorted(pareto(points), key=lambda i: points[i][0])
+        for s, (x, y) in zip(here, points):
+            ax.errorbar(x, y, yerr=s["std"] * scale, fmt="o", color="tab:blue", ecolor="tab:gray", capsize=2, markersize=4)
+            ax.annotate(_label(s), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "-", color="tab:red", label="Pareto front")
+        if teacher and "acc" in metric and key != "latency_ms_b256":
+            ax.axhline(statistics.fmean(teacher) * scale, color="tab:green", linestyle="--", linewidth=1, label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel(label + ", log scale")
+        ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{experiment}: {metric} vs size (mean over seeds, error bars: std)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _label(s: dict[str, Any]) -> str:
+    what = s["compression"] if s.get("compression", "none") != "none" else "dense"
+    return f"{s['objective']} {what}" if s["objective"] != "ce" else what
 
 
 def _fmt(value: Any, metric: str) -> str:
@@ -111,7 +175,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def _markdown(summary: list[dict[str, Any]], metric: str, header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summary:
-        cells = [s["objective"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]), _fmt(s["mean"], metric), _fmt(s["std"], metric)]
+        cells = [s["objective"], s["compression"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
+                 _fmt(s["mean"], metric), _fmt(s["std"], metric), _fmt(s["nonzero_params"], "")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{metric}: {NOTE}.\n"
 
@@ -186,15 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", summary)
-    header = ["objective", "T", "alpha", "n", f"mean {args.metric}", "std"]
+    header = ["objective", "compression", "T", "alpha", "n", f"mean {args.metric}", "std", "non-zero params"]
     (out / "summary.md").write_text(_markdown(summary, args.metric, header))
 
     table = Table(title=f"kd report: {where}", title_justify="left", caption=f"{args.metric}: {NOTE}", caption_justify="left")
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i == 0 else "right")
     for s in summary:
-        table.add_row(s["objective"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
-                      _fmt(s["mean"], args.metric), _fmt(s["std"], args.metric))  # fmt: skip
+        table.add_row(s["objective"], s["compression"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
+                      _fmt(s["mean"], args.metric), _fmt(s["std"], args.metric), _fmt(s["nonzero_params"], ""))  # fmt: skip
     console.print(table)
     console.print(f"store: {uri}", soft_wrap=True)
     left_out = [r for r in rows if r["status"] != "FINISHED"]
@@ -203,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("not in the statistics: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     png = heatmap(rows, summary, args.metric, args.experiment, out / "heatmap.png")
     console.print(f"heatmap: {png}" if png else "heatmap: skipped (kd runs have a single temperature and a single alpha)", soft_wrap=True)
+    trade = tradeoff(rows, summary, args.metric, args.experiment, out / "tradeoff.png")
+    console.print(f"accuracy vs size: {trade}" if trade else "accuracy vs size: skipped (every config has the same size)", soft_wrap=True)
     console.print(f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}", soft_wrap=True)
     return 0
 

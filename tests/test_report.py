@@ -10,7 +10,7 @@ import matplotlib.image
 from mlflow.tracking import MlflowClient
 
 from kd.experiment import run
-from kd.report import main
+from kd.report import main, pareto
 from kd.tracking import resolve_uri
 
 TINY = ["trainer.max_epochs=1", "teacher.max_epochs=1"]
@@ -64,7 +64,7 @@ def test_report_summarises_finished_runs_and_draws_the_heatmap(make_cfg, tmp_pat
     runs = {r["run_id"]: r for r in _read_csv(out / "runs.csv")}
     assert len(runs) == 5 and runs[failed]["status"] == "FAILED"
     assert all(runs[r.info.run_id]["status"] == "FINISHED" for r in students)
-    assert (out / "summary.md").read_text().startswith("| objective | T | alpha | n |")
+    assert (out / "summary.md").read_text().startswith("| objective | compression | T | alpha | n |")
 
     png = out / "heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -83,3 +83,28 @@ def test_empty_selection_exits_2_with_a_message_and_writes_nothing(tmp_path, cap
     assert main(["--uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", "empty", "--out", str(out)]) == 2
     assert "no student runs" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(10, 0.90), (20, 0.95), (15, 0.85), (30, 0.95), (5, 0.80), (10, 0.90)]
+    assert pareto(points) == [0, 1, 4, 5]  # (15, .85) and (30, .95) are beaten; equal points both stay
+
+
+def test_compression_configs_are_separate_groups_and_get_an_accuracy_vs_size_plot(make_cfg, tmp_path, capsys):
+    jobs = [["prune=none"], ["prune=magnitude", "prune.sparsity=0.5"], ["prune=magnitude", "prune.sparsity=0.9"],
+            ["prune=magnitude", "prune.sparsity=0.9", "seed=1"]]  # fmt: skip
+    for i, overrides in enumerate(jobs):
+        cfg = make_cfg("distill=none", "trainer.max_epochs=2", "prune.start=1", *overrides, f"paths.run_dir={tmp_path / f'run{i}'}") \
+            if overrides[0] != "prune=none" else make_cfg("distill=none", "trainer.max_epochs=2", f"paths.run_dir={tmp_path / f'run{i}'}")
+        run(cfg)
+    uri = resolve_uri(cfg.tracking.uri, Path(cfg.paths.output_root))
+    out = tmp_path / "report"
+    assert main(["--uri", uri, "--experiment", "kd", "--out", str(out)]) == 0
+    summary = {row["compression"]: row for row in _read_csv(out / "summary.csv")}
+    assert set(summary) == {"none", "magnitude s=0.5", "magnitude s=0.9"}
+    assert summary["magnitude s=0.9"]["n"] == "2" and summary["none"]["n"] == "1"
+    assert float(summary["magnitude s=0.9"]["nonzero_params"]) < float(summary["magnitude s=0.5"]["nonzero_params"]) \
+        < float(summary["none"]["nonzero_params"])
+    png = out / "tradeoff.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[1] > 1000  # three panels
+    assert str(png) in capsys.readouterr().out
