@@ -31,34 +31,21 @@ rescales the penalty by importance (DepGraph's variant), not the plain formulas 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatch
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
 from callbacks.base import PruningCallback, check_fraction, output_layer, scale_learning_rate
+from callbacks.groups import Member, add_penalty_gradient, group_members, keep_masks
+from callbacks.importance import IMPORTANCE, Monotone, importance_of
 from callbacks.schedule import SparsitySchedule
 from kd.thinning import PRUNED_KEY, dependency_graph, remove_channels
 
-IMPORTANCE = ("l1", "l2", "random", "taylor", "hessian", "fpgm")
 REGULARIZERS = ("l1", "group_lasso", "bn_l1")
 SCOPES = ("layer", "global")
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-
-
-@dataclass
-class _Member:
-    """One slice of a channel group: ``param`` entries ``index`` along ``dim`` belong to the
-    root channels ``root`` (same length as ``index``)."""
-
-    param: nn.Parameter
-    dim: int
-    index: Tensor
-    root: Tensor
 
 
 class StructuredPruning(PruningCallback):
@@ -115,7 +102,7 @@ class StructuredPruning(PruningCallback):
         self.layers, self.skip = list(layers) if layers is not None else None, list(skip)
         self.calibration_batches, self.reg_strength, self.lr_scale = calibration_batches, reg_strength, lr_scale
         self._input_shape: tuple[int, ...] | None = None
-        self._groups: dict[str, list[_Member]] = {}  # root layer -> its group's slices
+        self._groups: dict[str, list[Member]] = {}  # root layer -> its group's slices
         self._pruned: dict[str, Tensor] = {}  # root layer -> bool per output channel (checkpointed)
         self._done: list[int] = []
         self._lr_scaled = False
@@ -181,7 +168,7 @@ class StructuredPruning(PruningCallback):
         for name, root in roots.items():
             handler = graph.get_pruner_of_module(root).prune_out_channels
             group = graph.get_pruning_group(root, handler, list(range(graph.get_out_channels(root))))
-            self._groups[name] = _members(graph, group)
+            self._groups[name] = group_members(graph, group)
             self._pruned.setdefault(name, torch.zeros(graph.get_out_channels(root), dtype=torch.bool))
         self._zeros = None
 
@@ -189,8 +176,6 @@ class StructuredPruning(PruningCallback):
         """Prune ``model`` to the final sparsity now, outside training (pruned channels at zero;
         :meth:`finalize` removes them). Data-free importances only: ``taylor`` and ``hessian``
         need the training data and run inside a fit."""
-        if self.importance in ("taylor", "hessian"):
-            raise ValueError(f"importance {self.importance!r} needs training batches: prune inside a fit")
         self._bind(model, input_shape)
         self._prune_to(model, self.sparsity, None)
         return model
@@ -205,7 +190,7 @@ class StructuredPruning(PruningCallback):
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.regularize is not None and self.reg_strength > 0:
-            self._add_penalty_gradient(pl_module.model)
+            add_penalty_gradient(self.regularize, self.reg_strength, self._groups, pl_module.model)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int) -> None:
         self._apply_zeros()  # after the optimizer step: pruned channels stay exactly zero
@@ -229,7 +214,9 @@ class StructuredPruning(PruningCallback):
 
     def _prune_to(self, model: nn.Module, ratio: float, trainer: pl.Trainer | None) -> None:
         """Mark the lowest-importance channels of every group pruned, up to ``ratio``."""
-        importance = _Monotone(self._scorer(trainer, model), self._pruned, model)
+        data = trainer.datamodule if trainer is not None else None
+        scores = importance_of(self.importance, model, data, self.calibration_batches)
+        importance = Monotone(scores, self._pruned, model)
         _, _, kept = self._plan(model, self._input_shape)
         example = torch.zeros(1, *self._input_shape, device=next(model.parameters()).device)
         pruner = tp.pruner.MetaPruner(
@@ -244,87 +231,14 @@ class StructuredPruning(PruningCallback):
         self._zeros = None
         self._apply_zeros()
 
-    def _scorer(self, trainer: pl.Trainer | None, model: nn.Module) -> tp.importance.Importance:
-        if self.importance in ("l1", "l2"):
-            return tp.importance.GroupMagnitudeImportance(p=1 if self.importance == "l1" else 2)
-        if self.importance == "random":
-            return tp.importance.RandomImportance()
-        if self.importance == "fpgm":
-            return tp.importance.FPGMImportance()
-        assert trainer is not None, "taylor and hessian importance need the training data"
-        grads = self._calibration_gradients(trainer, model, squared=self.importance == "hessian")
-        if self.importance == "taylor":
-            return tp.importance.GroupTaylorImportance()
-        scorer = tp.importance.GroupHessianImportance()
-        scorer._accu_grad, scorer._counter = grads, {p: self.calibration_batches for p in grads}
-        return scorer
-
-    def _calibration_gradients(self, trainer: pl.Trainer, model: nn.Module, squared: bool) -> dict[nn.Parameter, Tensor]:
-        """Leave in ``.grad`` the cross-entropy gradient summed over the first
-        ``calibration_batches`` batches of a fixed shuffle of the training split (the same on
-        every DDP rank); with ``squared`` also return the sums of squared batch gradients."""
-        data = trainer.datamodule
-        order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(0))
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()  # no batch-norm statistics updated by the probe
-        model.zero_grad(set_to_none=True)
-        squares: dict[nn.Parameter, Tensor] = {}
-        with torch.enable_grad():
-            for chunk in order[: self.calibration_batches * data.batch_size].split(data.batch_size):
-                if squared:
-                    model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(data.train.x[chunk].to(device)), data.train.y[chunk].to(device)).backward()
-                if squared:
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            squares[p] = squares.get(p, 0) + p.grad.detach() ** 2
-        model.train(was_training)
-        return squares
-
     # ---- zeros, penalties, physical removal ---------------------------------------------
     def _apply_zeros(self) -> None:
         """Multiply every parameter a pruned channel touches by its keep-mask (one fused op)."""
         if self._zeros is None:
-            keep: dict[int, tuple[nn.Parameter, Tensor]] = {}
-            for root, members in self._groups.items():
-                pruned = self._pruned[root]
-                if pruned.any():
-                    for m in members:
-                        param, mask = keep.setdefault(id(m.param), (m.param, torch.ones_like(m.param, dtype=torch.bool)))
-                        mask.index_fill_(m.dim, m.index[pruned[m.root]].to(mask.device), False)
-            self._zeros = list(keep.values())
+            self._zeros = keep_masks(self._groups, self._pruned)
         if self._zeros:
             with torch.no_grad():
                 torch._foreach_mul_([p for p, _ in self._zeros], [k for _, k in self._zeros])
-
-    @torch.no_grad()
-    def _add_penalty_gradient(self, model: nn.Module) -> None:
-        lam = self.reg_strength
-        if self.regularize == "bn_l1":
-            for m in model.modules():
-                if isinstance(m, _NORMS) and m.weight is not None and m.weight.grad is not None:
-                    m.weight.grad.add_(lam * torch.sign(m.weight))
-        elif self.regularize == "l1":
-            for members in self._groups.values():
-                for m in members:
-                    if m.param.grad is not None and m.param.dim() > 1:
-                        m.param.grad.add_(lam * torch.sign(m.param))
-        else:  # group lasso: d/dw of lam * sum_g ||w_g||_2 = lam * w / ||w_g||_2
-            for root, members in self._groups.items():
-                channels = self._pruned[root].numel()
-                norms = torch.zeros(channels, device=members[0].param.device)
-                for m in members:  # (C_dim entries) -> squared norm of each root channel
-                    sq = m.param.index_select(m.dim, m.index.to(m.param.device)).pow(2)
-                    norms.index_add_(0, m.root.to(norms.device), sq.movedim(m.dim, 0).reshape(len(m.index), -1).sum(1))
-                scale = lam / norms.sqrt().clamp_min(1e-12)
-                for m in members:
-                    if m.param.grad is not None:
-                        shape = [1] * m.param.dim()
-                        shape[m.dim] = -1
-                        factor = scale[m.root.to(scale.device)].view(shape)
-                        grad_slice = m.param.index_select(m.dim, m.index.to(m.param.device)) * factor
-                        m.param.grad.index_add_(m.dim, m.index.to(m.param.device), grad_slice)
 
     def pruned_channels(self) -> dict[str, list[int]]:
         return {root: torch.nonzero(p).flatten().tolist() for root, p in self._pruned.items() if p.any()}
@@ -354,42 +268,3 @@ class StructuredPruning(PruningCallback):
         self._lr_scaled = bool(state_dict["lr_scaled"])
         self._pruned = {k: v.clone() for k, v in state_dict["pruned"].items()}  # type: ignore[union-attr]
         self._zeros = None
-
-
-class _Monotone(tp.importance.Importance):
-    """An importance whose already-pruned channels rank lowest, so each event keeps them
-    pruned and adds new ones (the model keeps its shapes between events)."""
-
-    def __init__(self, inner: tp.importance.Importance, pruned: dict[str, Tensor], model: nn.Module) -> None:
-        self.inner, self.pruned = inner, pruned
-        self.names = {m: n for n, m in model.named_modules()}
-
-    def __call__(self, group: tp.Group) -> Tensor | None:
-        scores = self.inner(group)
-        root = self.names.get(group[0].dep.target.module)
-        if scores is not None and root in self.pruned and len(scores) == len(self.pruned[root]):
-            scores = scores.clone()
-            scores[self.pruned[root].to(scores.device)] = float("-inf")
-        return scores
-
-
-def _members(graph: tp.DependencyGraph, group: tp.Group) -> list[_Member]:
-    """The parameter slices of a full channel group (see ``_Member``)."""
-    members: list[_Member] = []
-    for i, (dep, idxs) in enumerate(group):
-        module, out = dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)
-        index = torch.as_tensor(list(idxs), dtype=torch.long)
-        root = torch.as_tensor(list(group[i].root_idxs), dtype=torch.long)
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-            if depthwise and module.groups != module.in_channels:
-                raise NotImplementedError(f"grouped convolution {module} is not supported by structured pruning")
-            if out or depthwise:
-                members += [_Member(p, 0, index, root) for p in (module.weight, module.bias) if p is not None]
-            else:
-                members.append(_Member(module.weight, 1, index, root))
-        elif isinstance(module, _NORMS):
-            members += [_Member(p, 0, index, root) for p in (module.weight, module.bias) if p is not None]
-        elif any(True for _ in module.parameters(recurse=False)) if isinstance(module, nn.Module) else False:
-            raise NotImplementedError(f"structured pruning does not know how to mask {type(module).__name__}")
-    return members

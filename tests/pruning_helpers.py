@@ -36,3 +36,14 @@ def trainer(callbacks: list, max_epochs: int, root: Path | None = None, **kwargs
         max_epochs=max_epochs, callbacks=callbacks, accelerator="cpu", deterministic=True,
         default_root_dir=str(root) if root else None, **(quiet | kwargs),
     )  # fmt: skip
+
+
+class KillAt(pl.Callback):
+    """Raises at the start of ``epoch``: a job killed after the previous epoch's checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")

@@ -14,7 +14,7 @@ from callbacks import MagnitudePruning, SparsitySchedule, magnitude
 from kd import sensitivity
 from kd.experiment import run
 from kd.models import MLP
-from tests.pruning_helpers import digits, module, trainer
+from tests.pruning_helpers import KillAt, digits, module, trainer
 
 
 def _mlp(seed: int = 0) -> MLP:
@@ -130,17 +130,12 @@ def test_iterative_lowers_the_learning_rate_once():
 def test_masks_and_schedule_survive_a_checkpoint_resume(tmp_path):
     """Interrupted after epoch 2 of an AGP schedule and resumed: the same final masks."""
 
-    class Kill(pl.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
-                raise RuntimeError("killed")
-
     def fit(root: Path, ckpt: str | None = None, kill: bool = False):
         pl.seed_everything(0, verbose=False)
         lit = module(_mlp(), lr=0.05)
         save = ModelCheckpoint(dirpath=root, save_last=True)
         cb = MagnitudePruning(0.9, schedule="agp", start=0, end=3)
-        extra = [Kill()] if kill else []
+        extra = [KillAt(2)] if kill else []
         trainer([cb, save, *extra], 5, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
         return lit, cb
 

@@ -11,13 +11,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from callbacks import StructuredPruning
-from callbacks.structured import _members
+from callbacks.groups import add_penalty_gradient, group_members
+from callbacks.importance import calibration_gradients
 from kd.checkpoint import load_weights
 from kd.experiment import run
 from kd.measure import count_macs, count_params
 from kd.models import MLP, CIFARResNet, LeNet5
 from kd.thinning import PRUNED_KEY, dependency_graph
-from tests.pruning_helpers import digits, module, trainer
+from tests.pruning_helpers import KillAt, digits, module, trainer
 
 SHAPE = (1, 8, 8)
 
@@ -86,12 +87,7 @@ def test_channels_once_pruned_stay_pruned_across_events():
 
 def test_taylor_gradient_is_summed_over_the_calibration_batches():
     model = _lenet()
-    cb = StructuredPruning(0.5, importance="taylor", calibration_batches=3)
-
-    class FakeTrainer:
-        datamodule = digits()
-
-    cb._calibration_gradients(FakeTrainer(), model, squared=False)
+    calibration_gradients(model, digits(), 3, squared=False)
     got = model.conv1.weight.grad.clone()
     data = digits()
     order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(0))
@@ -111,11 +107,11 @@ def _penalty_grad(cb: StructuredPruning, model: nn.Module) -> dict[str, torch.Te
     _, roots, _ = cb._plan(model, SHAPE)
     for name, root in roots.items():
         handler = graph.get_pruner_of_module(root).prune_out_channels
-        cb._groups[name] = _members(graph, graph.get_pruning_group(root, handler, list(range(graph.get_out_channels(root)))))
+        cb._groups[name] = group_members(graph, graph.get_pruning_group(root, handler, list(range(graph.get_out_channels(root)))))
         cb._pruned[name] = torch.zeros(graph.get_out_channels(root), dtype=torch.bool)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    cb._add_penalty_gradient(model)
+    add_penalty_gradient(cb.regularize, cb.reg_strength, cb._groups, model)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -175,16 +171,11 @@ def test_a_layer_coupled_with_a_kept_layer_cannot_be_pruned():
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_structured_masks_survive_a_checkpoint_resume(tmp_path):
-    class Kill(pl.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
-                raise RuntimeError("killed")
-
     def fit(root: Path, ckpt: str | None = None, kill: bool = False):
         pl.seed_everything(0, verbose=False)
         lit = module(_lenet())
         cb = StructuredPruning(0.6, importance="taylor", schedule="agp", start=1, end=3)
-        callbacks = [cb, ModelCheckpoint(dirpath=root, save_last=True), *([Kill()] if kill else [])]
+        callbacks = [cb, ModelCheckpoint(dirpath=root, save_last=True), *([KillAt(2)] if kill else [])]
         trainer(callbacks, 4, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
         return lit, cb
 
