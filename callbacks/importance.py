@@ -19,7 +19,7 @@ def importance_of(name: str, model: nn.Module, data: TensorDataModule | None, ca
     if name in ("l1", "l2"):
         return tp.importance.GroupMagnitudeImportance(p=1 if name == "l1" else 2)
     if name == "random":
-        return tp.importance.RandomImportance()
+        return SeededRandom()
     if name == "fpgm":
         return tp.importance.FPGMImportance()
     if data is None:
@@ -72,3 +72,14 @@ class Monotone(tp.importance.Importance):
         return scores
 
 
+
+
+class SeededRandom(tp.importance.Importance):
+    """Uniform random scores from a generator of its own (Torch-Pruning's ``RandomImportance``
+    draws from the global RNG, which DDP ranks need not share): every rank prunes alike."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, group: tp.Group) -> Tensor:
+        return torch.rand(len(group[0].idxs), generator=self.generator)

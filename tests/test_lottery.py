@@ -118,3 +118,26 @@ def test_every_round_is_tracked_in_mlflow_with_its_early_stop_iteration(make_cfg
     assert metrics["val/acc_best"] == pytest.approx(
         max(h.value for h in client.get_metric_history(student.info.run_id, "lottery/val_acc_best") if h.step == 2)
     )  # the model kept is the last round's (at the target), not an earlier denser one
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_rounds_rewind_weights_and_history_survive_a_checkpoint_resume(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from tests.pruning_helpers import KillAt
+
+    def fit(root, ckpt=None, kill=False):
+        pl.seed_everything(0, verbose=False)
+        lit = module(_mlp(), scheduler=True)
+        cb = LotteryTicket(0.5, rate=0.3)
+        callbacks = [cb, ModelCheckpoint(dirpath=root, save_last=True), *([KillAt(3)] if kill else [])]
+        trainer(callbacks, 2, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
+        return lit, cb
+
+    full, full_cb = fit(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "cut", kill=True)  # killed inside round 1, after its first epoch
+    resumed, cb = fit(tmp_path / "cut", ckpt=str(tmp_path / "cut" / "last.ckpt"))
+    assert [r["round"] for r in cb._history] == [0.0, 1.0, 2.0]
+    assert [r["val_acc_best"] for r in cb._history] == [r["val_acc_best"] for r in full_cb._history]
+    torch.testing.assert_close(dict(full.model.state_dict()), dict(resumed.model.state_dict()))

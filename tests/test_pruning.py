@@ -221,3 +221,13 @@ def test_bad_pruning_config_fails_before_anything_is_written(make_cfg, override,
     with pytest.raises(Exception, match=message):
         run(cfg)
     assert not Path(cfg.paths.output_root).exists()
+
+
+def test_one_run_distils_and_prunes(make_cfg):
+    cfg = make_cfg("prune=agp", "prune.sparsity=0.7", "prune.start=0", "prune.end=1", "trainer.max_epochs=3")
+    metrics = run(cfg)
+    client, (student,) = _runs(cfg)
+    assert student.data.tags["kd.compression"] == "prune agp s=0.7" and student.data.tags["kd.objective"].startswith("kd")
+    assert len(client.get_metric_history(student.info.run_id, "train/loss_kd")) == 3
+    assert client.get_metric_history(student.info.run_id, "model/sparsity")[-1].value == pytest.approx(0.7, abs=1e-3)
+    assert metrics["teacher/test_acc"] > 0.5 and metrics["model/nonzero_params"] < 0.5 * metrics["model/params"]
