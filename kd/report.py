@@ -24,9 +24,9 @@ from rich.table import Table
 from kd.tracking import resolve_uri
 
 COLUMNS = ["run_id", "name", "status", "objective", "compression", "temperature", "alpha", "seed",
-           "val/acc_best", "test/acc", "params", "nonzero_params", "size_bytes_zip", "latency_ms_b256",
+           "val/acc_best", "val/acc_last", "test/acc", "params", "nonzero_params", "size_bytes_zip", "latency_ms_b256",
            "compression_ratio", "teacher/test_acc"]  # fmt: skip
-METRICS = {"val/acc_best": "val/acc_best", "test/acc": "test/acc", "params": "model/params",
+METRICS = {"val/acc_best": "val/acc_best", "val/acc_last": "val/acc", "test/acc": "test/acc", "params": "model/params",
            "nonzero_params": "model/nonzero_params", "size_bytes_zip": "model/size_bytes_zip",
            "latency_ms_b256": "model/latency_ms_b256",
            "compression_ratio": "model/compression_ratio", "teacher/test_acc": "teacher/test_acc"}  # fmt: skip
@@ -34,7 +34,8 @@ METRICS = {"val/acc_best": "val/acc_best", "test/acc": "test/acc", "params": "mo
 SIZES = [("nonzero_params", "non-zero parameters", 1.0), ("size_bytes_zip", "size on disk, zipped (KiB)", 1 / 1024),
          ("latency_ms_b256", "CPU latency at batch 256 (ms)", 1.0)]  # fmt: skip
 NOTE = ("model selection used validation only; test accuracy is that of the validation-selected "
-        "epoch; std is the population std (ddof=0) over seeds")  # fmt: skip
+        "epoch (for pruned runs: the best epoch at the final sparsity); val acc is given for that "
+        "epoch and for the last one; std is the population std (ddof=0) over seeds")  # fmt: skip
 
 
 def _number(text: str | None) -> float | None:
@@ -101,8 +102,13 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     for (o, c, t, a), members in sorted(groups.items(), key=lambda item: order(item[0])):
         values = [r[metric] for r in members]
         sizes = {k: statistics.fmean(v) if (v := [r[k] for r in members if r.get(k) is not None]) else None for k, _, _ in SIZES}
+        epochs = {}  # the validation accuracy of the selected (best) epoch and of the last epoch
+        for key in ("val/acc_best", "val/acc_last"):
+            v = [r[key] for r in members if r.get(key) is not None]
+            epochs[f"{key}_mean"] = statistics.fmean(v) if v else None
+            epochs[f"{key}_std"] = statistics.pstdev(v) if v else None
         summary.append({"objective": o, "compression": c, "temperature": t, "alpha": a, "n": len(values),
-                        "mean": statistics.fmean(values), "std": statistics.pstdev(values)} | sizes)  # fmt: skip
+                        "mean": statistics.fmean(values), "std": statistics.pstdev(values)} | epochs | sizes)  # fmt: skip
     return summary
 
 
@@ -165,6 +171,13 @@ def _fmt(value: Any, metric: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _pm(s: dict[str, Any], key: str) -> str:
+    """``mean ± std`` of ``key`` in a summary row, as percentages."""
+    if s.get(f"{key}_mean") is None:
+        return "-"
+    return f"{s[f'{key}_mean']:.2%} ± {s[f'{key}_std']:.2%}"
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -176,7 +189,8 @@ def _markdown(summary: list[dict[str, Any]], metric: str, header: list[str]) -> 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summary:
         cells = [s["objective"], s["compression"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
-                 _fmt(s["mean"], metric), _fmt(s["std"], metric), _fmt(s["nonzero_params"], "")]  # fmt: skip
+                 _fmt(s["mean"], metric), _fmt(s["std"], metric), _pm(s, "val/acc_best"), _pm(s, "val/acc_last"),
+                 _fmt(s["nonzero_params"], "")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{metric}: {NOTE}.\n"
 
@@ -251,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", summary)
-    header = ["objective", "compression", "T", "alpha", "n", f"mean {args.metric}", "std", "non-zero params"]
+    header = ["objective", "compression", "T", "alpha", "n", f"mean {args.metric}", "std",
+              "val acc, best epoch", "val acc, last epoch", "non-zero params"]  # fmt: skip
     (out / "summary.md").write_text(_markdown(summary, args.metric, header))
 
     table = Table(title=f"kd report: {where}", title_justify="left", caption=f"{args.metric}: {NOTE}", caption_justify="left")
@@ -259,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column, justify="left" if i == 0 else "right")
     for s in summary:
         table.add_row(s["objective"], s["compression"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
-                      _fmt(s["mean"], args.metric), _fmt(s["std"], args.metric), _fmt(s["nonzero_params"], ""))  # fmt: skip
+                      _fmt(s["mean"], args.metric), _fmt(s["std"], args.metric), _pm(s, "val/acc_best"),
+                      _pm(s, "val/acc_last"), _fmt(s["nonzero_params"], ""))  # fmt: skip
     console.print(table)
     console.print(f"store: {uri}", soft_wrap=True)
     left_out = [r for r in rows if r["status"] != "FINISHED"]

@@ -60,6 +60,12 @@ def test_report_summarises_finished_runs_and_draws_the_heatmap(make_cfg, tmp_pat
         assert int(row["n"]) == len(values)
         assert float(row["mean"]) == statistics.fmean(values)
         assert float(row["std"]) == statistics.pstdev(values)
+        best = [r.data.metrics["val/acc_best"] for r in students if (r.data.params.get("distill.temperature", ""),
+                r.data.params.get("distill.alpha", "")) == key]  # fmt: skip
+        last = [r.data.metrics["val/acc"] for r in students if (r.data.params.get("distill.temperature", ""),
+                r.data.params.get("distill.alpha", "")) == key]  # fmt: skip
+        assert float(row["val/acc_best_mean"]) == statistics.fmean(best)
+        assert float(row["val/acc_last_mean"]) == statistics.fmean(last)  # the last epoch's val/acc
 
     runs = {r["run_id"]: r for r in _read_csv(out / "runs.csv")}
     assert len(runs) == 5 and runs[failed]["status"] == "FAILED"
