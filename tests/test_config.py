@@ -138,3 +138,13 @@ def test_every_prune_option_instantiates_and_fits_the_default_student(make_cfg, 
     assert isinstance(pruner, callbacks.PruningCallback)
     pruner.build_model = lambda: MLP(10, (1, 8, 8), hidden=[32])
     pruner.check(MLP(10, (1, 8, 8), hidden=[32]), (1, 8, 8), cfg.trainer.max_epochs)
+
+
+def test_the_slurm_launcher_composes_from_one_override():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240

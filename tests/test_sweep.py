@@ -40,3 +40,27 @@ def test_parallel_sweep_trains_the_teacher_once_and_a_second_sweep_not_at_all(ru
     students, teachers = _students_and_teachers(output_root)
     assert len(students) == 6 and len(teachers) == 1  # no teacher trained by the second sweep
     assert {r.data.tags["kd.teacher_fingerprint"] for r in students} == {teachers[0].data.tags["kd.fingerprint"]}
+
+
+def test_optuna_search_runs_its_trials_as_mlflow_runs_and_reports_the_best(run_py, tmp_path):
+    import yaml
+
+    search = ["hparams_search=kd_optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
+              f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    done = subprocess.run(run_py(*search, multirun=True), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    students, teachers = _students_and_teachers(tmp_path / "outputs")
+    assert len(students) == 3 and len(teachers) == 1 and {r.info.status for r in students} == {"FINISHED"}
+    temperatures = {float(r.data.params["distill.temperature"]) for r in students}
+    assert len(temperatures) == 3 and all(1.0 <= t <= 20.0 for t in temperatures)  # sampled, in range
+    result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert result["best_value"] == max(r.data.metrics["val/acc_best"] for r in students)  # validation, not test
+
+
+def test_submitit_local_launcher_runs_the_same_jobs(run_py, tmp_path):
+    jobs = ["seed=0,1", "distill=none", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+    done = subprocess.run(run_py(*jobs, multirun=True), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    students, _ = _students_and_teachers(tmp_path / "outputs")
+    assert sorted(r.data.params["seed"] for r in students) == ["0", "1"]
+    assert {r.info.status for r in students} == {"FINISHED"} and len({r.data.tags["kd.sweep"] for r in students}) == 1
