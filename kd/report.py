@@ -4,8 +4,9 @@ Reads only what MLflow holds (tags, params, metrics of runs tagged ``kd.role=stu
 the FINISHED runs by every config but the seed (objective, compression, temperature, alpha), and
 writes ``runs.csv``, ``summary.csv``, ``summary.md``, a temperature x alpha ``heatmap.png`` and,
 when the runs differ in size, ``tradeoff.png`` (accuracy vs non-zero parameters, zipped size and
-latency, Pareto front marked) to ``--out``. RUNNING and FAILED runs are listed in ``runs.csv``
-but left out of every statistic.
+latency, Pareto front marked) and ``curves.png`` (validation accuracy per epoch of the best
+configs) to ``--out``, and logs them to an MLflow run tagged ``kd.role=report``. RUNNING and
+FAILED runs are listed in ``runs.csv`` but left out of every statistic.
 """
 
 from __future__ import annotations
@@ -158,6 +159,62 @@ def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: 
     return path
 
 
+def curves(client: MlflowClient, rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str,
+           experiment: str, path: Path, key: str = "val/acc", top: int = 8) -> Path | None:  # fmt: skip
+    """Per-epoch ``key`` of the ``top`` configs by ``metric`` (mean over seeds at each epoch,
+    shaded min-max), overlaid; None when no run has a history of ``key``."""
+    ranked = sorted(summary, key=lambda s: s["mean"], reverse=True)[:top]
+    series = []
+    for s in ranked:
+        members = [r for r in rows if r["status"] == "FINISHED" and (r["objective"], r.get("compression", "none"),
+                   r["temperature"], r["alpha"]) == (s["objective"], s["compression"], s["temperature"], s["alpha"])]  # fmt: skip
+        histories = [sorted(client.get_metric_history(r["run_id"], key), key=lambda m: m.step) for r in members]
+        histories = [h for h in histories if h]
+        if histories:
+            n = min(len(h) for h in histories)
+            per_epoch = [[h[i].value for h in histories] for i in range(n)]
+            series.append((s, per_epoch))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100.0 if "acc" in key else 1.0
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for s, per_epoch in series:
+        epochs = range(1, len(per_epoch) + 1)
+        label = _label(s) + (f" T={s['temperature']:g} a={s['alpha']:g}" if s["temperature"] is not None else "")
+        line, = ax.plot(epochs, [scale * statistics.fmean(v) for v in per_epoch], label=f"{label} (n={s['n']})")
+        if s["n"] > 1:
+            ax.fill_between(epochs, [scale * min(v) for v in per_epoch], [scale * max(v) for v in per_epoch],
+                            color=line.get_color(), alpha=0.15)  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key + (" (%)" if scale == 100.0 else ""))
+    ax.set_title(f"{experiment}: {key} per epoch, top {len(series)} configs by {metric} (mean over seeds, band: min-max)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_report(client: MlflowClient, experiment: str, sweep: str | None, files: list[Path]) -> str:
+    """Log the report's files as artifacts of a run tagged ``kd.role=report`` (one per
+    experiment and sweep, reused when the report is redrawn); returns its run id."""
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    scope = sweep or "all"
+    found = client.search_runs([exp_id], f"tags.`kd.role` = 'report' and tags.`kd.report_scope` = '{scope}'", max_results=1)
+    run_id = found[0].info.run_id if found else client.create_run(
+        exp_id, run_name=f"report {scope}", tags={"kd.role": "report", "kd.report_scope": scope}).info.run_id  # fmt: skip
+    for f in files:
+        client.log_artifact(run_id, str(f), "report")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def _label(s: dict[str, Any]) -> str:
     what = s["compression"] if s.get("compression", "none") != "none" else "dense"
     return f"{s['objective']} {what}" if s["objective"] != "ce" else what
@@ -247,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default=None, help="only runs whose tag kd.sweep equals this")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/reports/<experiment>")
     parser.add_argument("--metric", default="test/acc", help="metric to compare (default: test/acc)")
+    parser.add_argument("--no-log", dest="log", action="store_false", help="do not log the files to an MLflow run")
     args = parser.parse_args(argv)
     uri = resolve_uri(args.uri, Path("outputs"))
     console = Console()
@@ -254,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         rows = []  # opening a missing SQLite store would create an empty one
     else:
-        rows = load_runs(MlflowClient(tracking_uri=uri), args.experiment, args.sweep, args.metric)
+        client = MlflowClient(tracking_uri=uri)
+        rows = load_runs(client, args.experiment, args.sweep, args.metric)
     summary = summarise(rows, args.metric)
     if not summary:
         why = f"{len(rows)} student run(s), none FINISHED with {args.metric}" if rows else "no student runs"
@@ -286,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"heatmap: {png}" if png else "heatmap: skipped (kd runs have a single temperature and a single alpha)", soft_wrap=True)
     trade = tradeoff(rows, summary, args.metric, args.experiment, out / "tradeoff.png")
     console.print(f"accuracy vs size: {trade}" if trade else "accuracy vs size: skipped (every config has the same size)", soft_wrap=True)
+    curve = curves(client, rows, summary, args.metric, args.experiment, out / "curves.png")
+    console.print(f"training curves: {curve}" if curve else "training curves: skipped (no val/acc history)", soft_wrap=True)
     console.print(f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}", soft_wrap=True)
+    if args.log:
+        files = [out / n for n in ("runs.csv", "summary.csv", "summary.md")] + [p for p in (png, trade, curve) if p]
+        console.print(f"logged to MLflow run {log_report(client, args.experiment, args.sweep, files)} (kd.role=report)")
     return 0
 
 

@@ -75,6 +75,15 @@ def test_report_summarises_finished_runs_and_draws_the_heatmap(make_cfg, tmp_pat
     png = out / "heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert matplotlib.image.imread(png).ndim >= 2
+    curves = out / "curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(curves).ndim >= 2
+
+    # the files are also in MLflow, on one report run that a second report reuses
+    assert main(["--uri", uri, "--experiment", "kd", "--out", str(out)]) == 0
+    (report,) = client.search_runs([experiment.experiment_id], "tags.`kd.role` = 'report'")
+    logged = {a.path for a in client.list_artifacts(report.info.run_id, "report")}
+    assert {"report/summary.csv", "report/heatmap.png", "report/curves.png"} <= logged
+    assert len(_read_csv(out / "runs.csv")) == 5  # the report run is not a student
     print(printed)  # shown with -s
 
 
