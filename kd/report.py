@@ -132,6 +132,7 @@ def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     scale = 100.0 if "acc" in metric else 1.0
     panels = [(k, label, f) for k, label, f in SIZES if sum(s.get(k) is not None for s in sized) >= 2]
@@ -148,6 +149,8 @@ def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: 
         if teacher and "acc" in metric and key != "latency_ms_b256":
             ax.axhline(statistics.fmean(teacher) * scale, color="tab:green", linestyle="--", linewidth=1, label="teacher")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.4g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))  # minor labels collide on short ranges
         ax.set_xlabel(label + ", log scale")
         ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
         ax.grid(alpha=0.3, which="both")
@@ -329,11 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.md").write_text(_markdown(summary, args.metric, header))
 
     table = Table(title=f"kd report: {where}", title_justify="left", caption=f"{args.metric}: {NOTE}", caption_justify="left")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right")
+    kd_params = any(s["temperature"] is not None or s["alpha"] is not None for s in summary)
+    columns = ["objective", "compression", *(["T", "alpha"] if kd_params else []), "n", f"{args.metric} mean ± std",
+               "val acc, best epoch", "val acc, last epoch", "non-zero params"]  # fmt: skip
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < 2 else "right")
     for s in summary:
-        table.add_row(s["objective"], s["compression"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
-                      _fmt(s["mean"], args.metric), _fmt(s["std"], args.metric), _pm(s, "val/acc_best"),
+        grid = [_fmt(s["temperature"], ""), _fmt(s["alpha"], "")] if kd_params else []
+        table.add_row(s["objective"], s["compression"], *grid, str(s["n"]),
+                      f"{_fmt(s['mean'], args.metric)} ± {_fmt(s['std'], args.metric)}", _pm(s, "val/acc_best"),
                       _pm(s, "val/acc_last"), _fmt(s["nonzero_params"], ""))  # fmt: skip
     console.print(table)
     console.print(f"store: {uri}", soft_wrap=True)
