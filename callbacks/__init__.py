@@ -1,10 +1,11 @@
-"""Lightning callbacks that change the model while it trains: pruning (and, later, quantization
-and clustering). Each ``conf/prune/*.yaml`` builds one of these."""
+"""Lightning callbacks that change the model while it trains: pruning and quantization (and, later,
+clustering). Each ``conf/prune/*.yaml`` and ``conf/quantize/*.yaml`` builds one of these."""
 
 from callbacks.base import SELECTION_KEY, PruningCallback
 from callbacks.lottery import LotteryTicket
 from callbacks.magnitude import MagnitudePruning
+from callbacks.quantization import PostTrainingQuantization, QuantizationAwareTraining, QuantizationCallback
 from callbacks.schedule import SparsitySchedule
 from callbacks.structured import StructuredPruning
 
-__all__ = ["SELECTION_KEY", "LotteryTicket", "MagnitudePruning", "PruningCallback", "SparsitySchedule", "StructuredPruning"]
+__all__ = ["SELECTION_KEY", "LotteryTicket", "MagnitudePruning", "PostTrainingQuantization", "PruningCallback", "QuantizationAwareTraining", "QuantizationCallback", "SparsitySchedule", "StructuredPruning"]

@@ -113,3 +113,13 @@ def measure(
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def measure_quantized(model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool = True) -> dict[str, float]:
+    """Size on disk and CPU latency of an int8 model (its packed weights are not parameters, so
+    parameter counts and the FLOP counter do not apply)."""
+    result: dict[str, float] = {"size_bytes": state_dict_bytes(model), "size_bytes_zip": zip_bytes(model)}
+    if latency:
+        result["latency_ms_b1"] = latency_ms(model, input_shape, 1)
+        result[f"latency_ms_b{large_batch}"] = latency_ms(model, input_shape, large_batch)
+    return result

@@ -148,3 +148,13 @@ def test_the_slurm_launcher_composes_from_one_override():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+
+
+@pytest.mark.parametrize("option", _options("quantize"))
+def test_every_quantize_option_instantiates(make_cfg, option):
+    cfg = make_cfg(f"quantize={option}")
+    if option == "none":
+        assert not cfg.quantize
+        return
+    quantizer = instantiate(cfg.quantize)
+    assert isinstance(quantizer, callbacks.QuantizationCallback) and quantizer.recipe()["backend"] == "x86"

@@ -1,0 +1,130 @@
+"""Quantization: PTQ with each range estimator and dynamic quantization give real int8 models;
+QAT trains fake-quantized, keeps validation out of its ranges, resumes, and converts to an int8
+model that agrees with it; the int8 model is tested, measured, saved and reloaded by a run."""
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from callbacks import PostTrainingQuantization, QuantizationAwareTraining
+from callbacks.quantization import accuracy, int8_ops, load_quantized
+from kd.experiment import run
+from kd.measure import state_dict_bytes
+from kd.models import LeNet5
+from tests.pruning_helpers import KillAt, digits, module, trainer
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def trained() -> LeNet5:
+    from kd.experiment import ignore_known_warnings
+
+    ignore_known_warnings()  # a module fixture runs before the per-test autouse filters
+    pl.seed_everything(0, verbose=False)
+    model = LeNet5(10, SHAPE)
+    trainer([], max_epochs=4).fit(module(model), datamodule=digits())
+    return model.eval()
+
+
+def _quantized_types(model: torch.nn.Module) -> set[str]:
+    return {type(m).__module__ for m in model.modules()}
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram"])
+def test_ptq_gives_a_real_int8_model_close_to_the_float_one(trained, observer):
+    data = digits()
+    int8 = PostTrainingQuantization(observer=observer, calibration_batches=8).finalize(trained, data)
+    assert "torch.ao.nn.intrinsic.quantized.modules.conv_relu" in _quantized_types(int8)  # int8 kernels (conv+relu fused)
+    assert state_dict_bytes(int8) < 0.45 * state_dict_bytes(trained)
+    float_acc = accuracy(trained, data.test.x, data.test.y)
+    assert float_acc > 0.8 and accuracy(int8, data.test.x, data.test.y) > float_acc - 0.03
+    assert next(trained.parameters()).dtype == torch.float32  # the float model is left as it was
+
+
+def test_dynamic_quantization_turns_linear_layers_int8_and_needs_no_calibration(trained):
+    int8 = PostTrainingQuantization(dynamic=True).finalize(trained, digits())
+    assert "torch.ao.nn.quantized.dynamic.modules.linear" in _quantized_types(int8)
+    assert accuracy(int8, digits().test.x, digits().test.y) > accuracy(trained, digits().test.x, digits().test.y) - 0.03
+
+
+def _observer_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("min_val", "max_val"))}
+
+
+def test_qat_trains_fake_quantized_and_validation_never_moves_the_ranges(trained):
+    pl.seed_everything(0, verbose=False)
+    lit = module(LeNet5(10, SHAPE))
+    cb = QuantizationAwareTraining(freeze_observers_epoch=2)
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    class Spy(pl.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            snapshots.append(_observer_state(pl_module.model))
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            snapshots.append(_observer_state(pl_module.model))
+
+    trainer([cb, Spy()], max_epochs=4, num_sanity_val_steps=0).fit(lit, datamodule=digits())
+    assert isinstance(lit.model, torch.fx.GraphModule) and "FakeQuantize" in {type(m).__name__ for m in lit.model.modules()}
+    for before, after in zip(snapshots[::2], snapshots[1::2]):  # across each validation run
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    moved = [not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots[1::2], snapshots[2::2])]
+    assert moved == [True, False, False]  # training epoch 1 moves them; from epoch 2 they are frozen
+
+
+def test_the_int8_model_agrees_with_the_fake_quantized_one():
+    pl.seed_everything(0, verbose=False)
+    lit = module(LeNet5(10, SHAPE))
+    cb = QuantizationAwareTraining()
+    trainer([cb], max_epochs=3).fit(lit, datamodule=digits())
+    data = digits()
+    int8 = cb.finalize(lit.model, data)
+    with torch.no_grad(), int8_ops():  # the tests' trainers turn on deterministic algorithms
+        fake = lit.model.eval()(data.test.x).argmax(1)
+        real = int8(data.test.x).argmax(1)
+    assert float((fake == real).float().mean()) > 0.99  # the reduce_range trap would break this
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_qat_resumes_from_a_checkpoint_with_its_prepared_graph(tmp_path):
+    def fit(root: Path, ckpt: str | None = None, kill: bool = False):
+        pl.seed_everything(0, verbose=False)
+        lit = module(LeNet5(10, SHAPE))
+        callbacks = [QuantizationAwareTraining(), ModelCheckpoint(dirpath=root, save_last=True), *([KillAt(2)] if kill else [])]
+        trainer(callbacks, 3, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
+        return lit
+
+    full = fit(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "cut", kill=True)
+    resumed = fit(tmp_path / "cut", ckpt=str(tmp_path / "cut" / "last.ckpt"))
+    torch.testing.assert_close(dict(full.model.state_dict()), dict(resumed.model.state_dict()))
+
+
+def test_a_quantized_run_tests_measures_and_saves_a_reloadable_int8_model(make_cfg):
+    cfg = make_cfg("distill=none", "model@student.model=lenet5", "quantize=ptq", "quantize.calibration_batches=4", "trainer.max_epochs=3")
+    metrics = run(cfg)
+    assert metrics["quant/size_reduction"] > 2.5 and abs(metrics["quant/acc_delta"]) < 0.05
+    path = Path(cfg.paths.run_dir) / "student_int8.pt"
+    reloaded = load_quantized(LeNet5(10, SHAPE), path, SHAPE)
+    assert accuracy(reloaded, digits().test.x, digits().test.y) == pytest.approx(metrics["quant/test_acc"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quantize=ptq", "quantize.backend=tpu"], "quantize.backend must be one of"),
+        (["quantize=ptq", "quantize.observer=kl"], "quantize.observer must be one of"),
+        (["quantize=qat", "prune=agp"], "quantize=qat with pruning is not supported yet"),
+        (["quantize=qat", "distill=at", "model@student.model=resnet8", "model@teacher.model=resnet8"], "feature distillation"),
+    ],
+)
+def test_bad_quantization_config_fails_before_anything_is_written(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(Exception, match=message):
+        run(cfg)
+    assert not Path(cfg.paths.output_root).exists()
