@@ -173,7 +173,9 @@ class PostTrainingQuantization(QuantizationCallback):
         self.mode = "dynamic" if dynamic else "static"
 
     def describe(self) -> str:
-        return "int8 dynamic" if self.mode == "dynamic" else f"int8 ptq-{self.observer}"
+        if self.mode == "dynamic":
+            return "int8 dynamic"
+        return f"int8 ptq-{self.observer}" + ("" if self.per_channel else " per-tensor")
 
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
         return quantize_model(model, self.recipe(), calibration_batches(data, self.calibration_batches))
