@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from torch import nn
 from callbacks import PruningCallback, QuantizationCallback
 from callbacks.quantization import RECIPE_KEY, accuracy, int8_ops
 from kd.checkpoint import load_weights, save_weights
+from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.data import TensorDataModule
 from kd.measure import measure, measure_quantized
 from kd.modules import ClassifierModule, DistillationModule
@@ -33,34 +33,6 @@ from kd.tracking import Tracker, config_hash, flatten, hydra_context, resolve_ur
 log = logging.getLogger(__name__)
 
 
-class _NoAdverts(logging.Filter):
-    """Lightning 2.6 logs an advert for its cloud logger at every Trainer construction."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
-
-
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
-
-
-def ignore_known_warnings() -> None:
-    """Filter, narrowly, the warnings a correct run triggers (called at import; tests call it
-    again inside pytest's per-test warning capture)."""
-    # Lightning reports the frozen teacher as "modules in eval mode" at fit start: intended.
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    # Loss terms and metrics are logged per epoch, so a short epoch is no reason to warn.
-    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
-    # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; not ours to fix.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    # torch 2.14 deprecates torch.ao.quantization (FX) for torchao's PT2E; it is still the path with
-    # int8 CPU kernels here (callbacks/quantization.py keeps it behind one function to move later).
-    warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-    warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-    # torch.load(weights_only=True) of quantized tensors goes through a TypedStorage path of torch's own
-    warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
-
-
-ignore_known_warnings()
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
