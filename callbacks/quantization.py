@@ -3,9 +3,12 @@
 
 - ``PostTrainingQuantization`` (``ptq``, ``dynamic``): after training, the validation-selected
   model is traced, observed on ``calibration_batches`` training batches with the chosen range
-  estimator (``minmax``, ``moving_average``, or ``histogram``: torch's histogram observer, which
-  searches the clipping range minimising the L2 quantization error) and converted to an int8
-  model; ``dynamic`` quantizes the weights of linear layers only, activations on the fly.
+  estimator (``minmax``, ``moving_average``, ``histogram``: torch's histogram observer, which
+  searches the clipping range minimising the L2 quantization error, ``percentile`` or
+  ``entropy``: the KL-divergence threshold, see ``callbacks/observers.py``) and converted to an
+  int8 model; ``dynamic`` quantizes the weights of linear layers only, activations on the fly.
+  ``compare=true`` also converts with every estimator and dynamically, and writes their int8
+  test accuracies side by side (``ptq_compare.csv``, ``quant/compare/<estimator>/test_acc``).
 - ``QuantizationAwareTraining`` (``qat``): graph preparation (fake-quant modules, conv-BN fusion)
   in ``setup()``, before a checkpoint is restored, so resuming works; the fake-quantized student
   trains (while distilling too); observers freeze and BatchNorm statistics fix at chosen epochs,
@@ -42,8 +45,16 @@ from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconf
 from torch.ao.quantization import fake_quantize as fq
 from torch.ao.quantization import observer as obs
 
+from callbacks.observers import EntropyObserver, PercentileObserver
+
 BACKENDS = ("x86", "fbgemm", "qnnpack")
-OBSERVERS = {"minmax": obs.MinMaxObserver, "moving_average": obs.MovingAverageMinMaxObserver, "histogram": obs.HistogramObserver}
+OBSERVERS = {
+    "minmax": obs.MinMaxObserver,
+    "moving_average": obs.MovingAverageMinMaxObserver,
+    "histogram": obs.HistogramObserver,  # the clipping range minimising the L2 (MSE) error
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,  # KL divergence, TensorRT's calibrator
+}
 RECIPE_KEY = "kd.quantization"
 
 
@@ -150,6 +161,10 @@ class QuantizationCallback(Callback):
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
         raise NotImplementedError
 
+    def artifacts(self, run_dir: Path) -> list[Path]:
+        """Files written for the run (comparison tables), to log as artifacts."""
+        return []
+
 
 class PostTrainingQuantization(QuantizationCallback):
     """Int8 after training (``quantize=ptq``; ``dynamic=true`` for ``quantize=dynamic``).
@@ -160,11 +175,15 @@ class PostTrainingQuantization(QuantizationCallback):
         backend: ``x86``, ``fbgemm`` or ``qnnpack``.
         calibration_batches: training batches observed before converting.
         dynamic: quantize linear layers' weights only, activations at run time (no calibration).
+        compare: also convert with every estimator (and dynamically) and record each int8 test
+            accuracy (``comparison``; the run logs it and writes ``ptq_compare.csv``).
     """
 
     def __init__(self, observer: str = "histogram", per_channel: bool = True, backend: str = "x86",
-                 calibration_batches: int = 32, dynamic: bool = False) -> None:  # fmt: skip
+                 calibration_batches: int = 32, dynamic: bool = False, compare: bool = False) -> None:  # fmt: skip
         super().__init__(backend, per_channel)
+        self.compare = compare
+        self.comparison: dict[str, float] = {}  # estimator -> int8 test accuracy, when compare
         if observer not in OBSERVERS:
             raise ValueError(f"quantize.observer must be one of {tuple(OBSERVERS)}, got {observer!r}")
         if calibration_batches < 1:
@@ -178,7 +197,20 @@ class PostTrainingQuantization(QuantizationCallback):
         return f"int8 ptq-{self.observer}" + ("" if self.per_channel else " per-tensor")
 
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
-        return quantize_model(model, self.recipe(), calibration_batches(data, self.calibration_batches))
+        batches = calibration_batches(data, self.calibration_batches)
+        if self.compare:
+            for name in [*OBSERVERS, "dynamic"]:
+                recipe = self.recipe() | ({"mode": "dynamic"} if name == "dynamic" else {"mode": "static", "observer": name})
+                self.comparison[name] = accuracy(quantize_model(model, recipe, batches), data.test.x, data.test.y)
+        return quantize_model(model, self.recipe(), batches)
+
+    def artifacts(self, run_dir: Path) -> list[Path]:
+        if not self.comparison:
+            return []
+        path = Path(run_dir) / "ptq_compare.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("estimator,int8_test_acc\n" + "".join(f"{k},{v:.6f}\n" for k, v in self.comparison.items()))
+        return [path]
 
 
 class QuantizationAwareTraining(QuantizationCallback):

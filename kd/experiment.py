@@ -124,8 +124,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if quantizer is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
             int8 = quantizer.finalize(module.model, data)
             final.update(_quantized_metrics(cfg, int8, data, final, float(tested["test/acc"])))
+            final.update({f"quant/compare/{k}/test_acc": v for k, v in getattr(quantizer, "comparison", {}).items()})
             recipe = {RECIPE_KEY: quantizer.recipe()}
             tracker.log_artifact(run_id, save_weights(int8, Path(cfg.paths.run_dir) / "student_int8.pt", recipe))
+            for path in quantizer.artifacts(Path(cfg.paths.run_dir)):
+                tracker.log_artifact(run_id, path)
         if teacher is not None:
             final["teacher/test_acc"] = teacher_acc
             final.update({f"teacher/{k}": v for k, v in _measure(cfg, teacher.model, data).items()})

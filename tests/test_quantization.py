@@ -10,6 +10,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from callbacks import PostTrainingQuantization, QuantizationAwareTraining
+from callbacks.observers import EntropyObserver, PercentileObserver
 from callbacks.quantization import accuracy, int8_ops, load_quantized
 from kd.experiment import run
 from kd.measure import state_dict_bytes
@@ -34,7 +35,7 @@ def _quantized_types(model: torch.nn.Module) -> set[str]:
     return {type(m).__module__ for m in model.modules()}
 
 
-@pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram"])
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram", "percentile", "entropy"])
 def test_ptq_gives_a_real_int8_model_close_to_the_float_one(trained, observer):
     data = digits()
     int8 = PostTrainingQuantization(observer=observer, calibration_batches=8).finalize(trained, data)
@@ -128,3 +129,30 @@ def test_bad_quantization_config_fails_before_anything_is_written(make_cfg, over
     with pytest.raises(Exception, match=message):
         run(cfg)
     assert not Path(cfg.paths.output_root).exists()
+
+
+def _with_outliers() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g).abs()  # a post-ReLU-like activation
+    x[:5] = 1000.0  # five outliers stretch the min/max range 200-fold
+    return x
+
+
+@pytest.mark.parametrize("observer", [PercentileObserver(99.9, quant_min=0, quant_max=255), EntropyObserver(quant_min=0, quant_max=255)])
+def test_percentile_and_entropy_clip_outliers_that_minmax_keeps(observer):
+    x = _with_outliers()
+    minmax = torch.ao.quantization.MinMaxObserver(quant_min=0, quant_max=255)
+    minmax(x), observer(x)
+    low, high = observer._non_linear_param_search()
+    assert float(high) < 0.05 * 1000.0  # the outliers are clipped, not spread over the 256 levels
+    assert float(high) > float(torch.quantile(x[5:][:16_000_000], 0.99))  # the body of the distribution is kept
+    assert float(observer.calculate_qparams()[0]) < 0.05 * float(minmax.calculate_qparams()[0])
+
+
+def test_compare_converts_with_every_estimator_and_writes_a_table(trained, tmp_path):
+    ptq = PostTrainingQuantization(calibration_batches=4, compare=True)
+    ptq.finalize(trained, digits())
+    assert set(ptq.comparison) == {"minmax", "moving_average", "histogram", "percentile", "entropy", "dynamic"}
+    assert all(acc > 0.7 for acc in ptq.comparison.values())
+    (table,) = ptq.artifacts(tmp_path)
+    assert table.read_text().splitlines()[0] == "estimator,int8_test_acc" and len(table.read_text().splitlines()) == 7
