@@ -79,11 +79,13 @@ def _fx():  # imported lazily: the module emits deprecation warnings at import
     return quantize_fx
 
 
-def qconfig_mapping(observer: str, per_channel: bool, backend: str, qat: bool) -> QConfigMapping:
-    """The backend's default mapping (fixed-range ops keep their settings) with our global QConfig."""
-    act_max = 255  # full 8-bit activations on every backend: see the module docstring
-    per_channel_w = dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127)
-    per_tensor_w = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-128, quant_max=127)
+def qconfig_mapping(observer: str, per_channel: bool, backend: str, qat: bool, bits: int = 8) -> QConfigMapping:
+    """The backend's default mapping (fixed-range ops keep their settings) with our global QConfig;
+    ``bits`` < 8 narrows the integer ranges (fake-quant only: simulated low-bit training)."""
+    act_max = 2**bits - 1  # full-range activations on every backend: see the module docstring
+    w_min, w_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    per_channel_w = dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=w_min, quant_max=w_max)
+    per_tensor_w = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=w_min, quant_max=w_max)
     if qat:
         activation = fq.FakeQuantize.with_args(observer=obs.MovingAverageMinMaxObserver, dtype=torch.quint8, quant_min=0, quant_max=act_max)
         w_observer = obs.MovingAveragePerChannelMinMaxObserver if per_channel else obs.MovingAverageMinMaxObserver
@@ -116,7 +118,7 @@ def quantize_model(model: nn.Module, recipe: dict[str, Any], batches: list[torch
 
 def prepare_for_qat(model: nn.Module, recipe: dict[str, Any], example: torch.Tensor) -> nn.Module:
     torch.backends.quantized.engine = recipe["backend"]
-    mapping = qconfig_mapping("moving_average", recipe["per_channel"], recipe["backend"], qat=True)
+    mapping = qconfig_mapping("moving_average", recipe["per_channel"], recipe["backend"], qat=True, bits=recipe.get("bits", 8))
     return _fx().prepare_qat_fx(model.train(), mapping, example_inputs=(example,))
 
 
@@ -138,9 +140,10 @@ def load_quantized(model: nn.Module, path: str | Path, input_shape: tuple[int, .
 
 class QuantizationCallback(Callback):
     """What ``kd.experiment`` calls: :meth:`check` before training, :meth:`finalize` after
-    testing (returns the int8 model), :meth:`recipe` saved beside its weights."""
+    testing (returns the int8 model, when :attr:`converts`), :meth:`recipe` saved beside its weights."""
 
     mode = "static"
+    converts = True
 
     def __init__(self, backend: str = "x86", per_channel: bool = True) -> None:
         if backend not in BACKENDS:
@@ -224,17 +227,28 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     mode = "qat"
 
-    def __init__(self, per_channel: bool = True, backend: str = "x86",
-                 freeze_observers_epoch: int | None = None, freeze_bn_epoch: int | None = None) -> None:  # fmt: skip
+    def __init__(self, per_channel: bool = True, backend: str = "x86", freeze_observers_epoch: int | None = None,
+                 freeze_bn_epoch: int | None = None, bits: int = 8) -> None:  # fmt: skip
         super().__init__(backend, per_channel)
         for name, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
             if value is not None and value < 0:
                 raise ValueError(f"quantize.{name} must be >= 0 or null, got {value}")
-        self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
+        if not 2 <= bits <= 8:
+            raise ValueError(f"quantize.bits must lie in [2, 8], got {bits}")
+        self.freeze_observers_epoch, self.freeze_bn_epoch, self.bits = freeze_observers_epoch, freeze_bn_epoch, bits
         self._observing = True
 
+    @property
+    def converts(self) -> bool:
+        """Only 8-bit training converts to int8 kernels: an int8 model of a 4-bit fake-quant
+        model would not clamp to 4 bits, so lower widths are evaluated as the fake-quant model."""
+        return self.bits == 8
+
+    def recipe(self) -> dict[str, Any]:
+        return super().recipe() | {"bits": self.bits}
+
     def describe(self) -> str:
-        return "int8 qat"
+        return f"int{self.bits} qat" + ("" if self.converts else " (simulated)")
 
     def check(self, objective: Any, pruner: Any) -> None:
         if getattr(objective, "needs_teacher_features", False):

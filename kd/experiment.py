@@ -121,7 +121,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
             for path in pruner.artifacts(Path(cfg.paths.run_dir)):
                 tracker.log_artifact(run_id, path)
         final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
-        if quantizer is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
+        if quantizer is not None and not quantizer.converts:  # low-bit QAT: the fake-quant model is the result
+            final["quant/bits"] = float(quantizer.recipe()["bits"])
+            tracker.set_tags(run_id, {"kd.quant_eval": "fake-quant model (no integer kernels below 8 bits)"})
+        if quantizer is not None and quantizer.converts:  # the int8 model: tested on the CPU, measured, saved beside the float one
             int8 = quantizer.finalize(module.model, data)
             final.update(_quantized_metrics(cfg, int8, data, final, float(tested["test/acc"])))
             final.update({f"quant/compare/{k}/test_acc": v for k, v in getattr(quantizer, "comparison", {}).items()})

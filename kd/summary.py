@@ -84,6 +84,9 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
                 else " (masks: same shapes, MACs and speed as dense)"
             )
         )
+    if "quant/bits" in metrics:
+        console.print(f"int{int(metrics['quant/bits'])} (simulated): the test accuracy above is the fake-quant model's; "
+                      "integer kernels exist for 8 bits only, so no integer model was made")  # fmt: skip
     if "quant/test_acc" in metrics:
         speed = next((v for k, v in metrics.items() if k.startswith("quant/speedup_b") and k != "quant/speedup_b1"), None)
         console.print(

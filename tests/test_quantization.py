@@ -156,3 +156,17 @@ def test_compare_converts_with_every_estimator_and_writes_a_table(trained, tmp_p
     assert all(acc > 0.7 for acc in ptq.comparison.values())
     (table,) = ptq.artifacts(tmp_path)
     assert table.read_text().splitlines()[0] == "estimator,int8_test_acc" and len(table.read_text().splitlines()) == 7
+
+
+def test_low_bit_qat_simulates_its_width_and_the_run_says_it_made_no_integer_model(make_cfg):
+    pl.seed_everything(0, verbose=False)
+    lit = module(LeNet5(10, SHAPE))
+    cb = QuantizationAwareTraining(bits=4)
+    trainer([cb], max_epochs=2).fit(lit, datamodule=digits())
+    fake_quant = lit.model.conv2.weight_fake_quant
+    with torch.no_grad():
+        w = fake_quant(lit.model.conv2.weight) / fake_quant.scale.view(-1, 1, 1, 1)  # integer grid per channel
+    assert w.round().min() >= -8 and w.round().max() <= 7 and not cb.converts  # 16 levels: 4 bits
+
+    metrics = run(make_cfg("distill=none", "model@student.model=lenet5", "quantize=qat", "quantize.bits=4"))
+    assert metrics["quant/bits"] == 4 and "quant/test_acc" not in metrics
