@@ -290,7 +290,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         pl_module.model.apply(torch.ao.quantization.disable_observer)
 
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
-        return quantize_model(model, self.recipe(), [])
+        return quantize_model(model, self.recipe(), []) if self.converts else model
 
 
 def calibration_batches(data: Any, n: int) -> list[torch.Tensor]:

@@ -120,10 +120,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             extras = pruner.saved_extras()
             for path in pruner.artifacts(Path(cfg.paths.run_dir)):
                 tracker.log_artifact(run_id, path)
-        final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
-        if quantizer is not None and not quantizer.converts:  # low-bit QAT: the fake-quant model is the result
+        if quantizer is not None and not quantizer.converts:  # clustered or low-bit: this model is the result
+            module.model = quantizer.finalize(module.model, data)
             final["quant/bits"] = float(quantizer.recipe()["bits"])
-            tracker.set_tags(run_id, {"kd.quant_eval": "fake-quant model (no integer kernels below 8 bits)"})
+            if hasattr(quantizer, "clustered_bytes"):
+                final["quant/size_bytes_clustered"] = quantizer.clustered_bytes(module.model)
+            tracker.set_tags(run_id, {"kd.quant_eval": "the float model itself (no integer kernels for this recipe)"})
+        final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
         if quantizer is not None and quantizer.converts:  # the int8 model: tested on the CPU, measured, saved beside the float one
             int8 = quantizer.finalize(module.model, data)
             final.update(_quantized_metrics(cfg, int8, data, final, float(tested["test/acc"])))

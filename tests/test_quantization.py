@@ -170,3 +170,51 @@ def test_low_bit_qat_simulates_its_width_and_the_run_says_it_made_no_integer_mod
 
     metrics = run(make_cfg("distill=none", "model@student.model=lenet5", "quantize=qat", "quantize.bits=4"))
     assert metrics["quant/bits"] == 4 and "quant/test_acc" not in metrics
+
+
+def test_kmeans_finds_the_two_clumps():
+    from callbacks.clustering import kmeans_1d
+
+    values = torch.cat([torch.full((50,), -1.0), torch.full((30,), 2.0)]) + torch.linspace(-0.01, 0.01, 80)
+    centroids, assignment = kmeans_1d(values, 2)
+    assert sorted(float(c) for c in centroids) == pytest.approx([-1.0, 2.0], abs=0.01)
+    assert int((assignment == assignment[0]).sum()) == 50
+
+
+def test_clustering_keeps_at_most_2_to_the_bits_values_per_layer_through_training(trained):
+    import copy
+
+    from callbacks import WeightClustering
+
+    pl.seed_everything(0, verbose=False)
+    model = copy.deepcopy(trained).train()
+    cb = WeightClustering(bits=3, start=0)
+    trainer([cb], max_epochs=2).fit(module(model, lr=0.01), datamodule=digits())  # SGD, momentum, weight decay
+    for name in ("conv1", "conv2", "fc1", "fc3"):
+        assert torch.unique(getattr(model, name).weight).numel() <= 8, name
+    data = digits()
+    assert accuracy(model.eval(), data.test.x, data.test.y) > accuracy(trained, data.test.x, data.test.y) - 0.1
+    expected = sum(m.weight.numel() * 3 / 8 + 4 * 8 for m in cb._targets.values())
+    expected += sum(4 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    assert cb.clustered_bytes(model) == pytest.approx(expected)
+
+
+def test_prune_then_cluster_in_one_run_keeps_the_zeros(make_cfg):
+    metrics = run(make_cfg("distill=none", "prune=magnitude", "prune.sparsity=0.8", "prune.start=1",
+                           "quantize=cluster", "quantize.bits=2", "quantize.start=2", "trainer.max_epochs=4"))  # fmt: skip
+    assert metrics["model/sparsity_all"] > 0.7 and metrics["quant/bits"] == 2
+    assert metrics["quant/size_bytes_clustered"] < 0.2 * metrics["dense/size_bytes"]
+    with pytest.raises(ValueError, match="must come after the last pruning event"):
+        run(make_cfg("distill=none", "prune=magnitude", "prune.start=1", "quantize=cluster", "quantize.start=1"))
+
+
+def test_every_weight_of_a_cluster_gets_the_clusters_summed_gradient():
+    from callbacks import WeightClustering
+
+    layer = torch.nn.Linear(4, 1, bias=False)
+    cb = WeightClustering(bits=1, centroid_gradient="sum")
+    layer.register_buffer("weight_cluster", torch.tensor([[0, 1, 0, 2]]))  # 2: the zero cluster
+    cb._targets, cb._clustered = {"fc": layer}, True
+    layer.weight.grad = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    cb.on_after_backward(None, None)
+    assert layer.weight.grad.tolist() == [[4.0, 2.0, 4.0, 0.0]]  # eq. 3 of Deep Compression; zeros frozen
