@@ -24,16 +24,14 @@ then differed from the fake-quant model's by up to 0.18 (1.7% of predictions cha
 agreement). ``reduce_range`` exists for CPUs without VNNI, whose int8 kernels can saturate: on
 such a CPU compare ``quant/test_acc`` with the fake-quant ``test/acc`` the run logs.
 
-All of it sits behind :func:`quantize_model` / :func:`prepare_for_qat`, so the flow can move to
-torchao's PT2E export path (the successor, already in torch's deprecation notes) in one place.
+All of it sits behind ``callbacks/fx_quant.py`` (:func:`quantize_model`, :func:`prepare_for_qat`),
+so the flow can move to torchao's PT2E export path (the successor, already in torch's
+deprecation notes) in one place.
 The int8 model is evaluated on the CPU (the int8 kernels are CPU kernels).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,102 +39,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
-from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
-from torch.ao.quantization import fake_quantize as fq
-from torch.ao.quantization import observer as obs
 
-from callbacks.observers import EntropyObserver, PercentileObserver
-
-BACKENDS = ("x86", "fbgemm", "qnnpack")
-OBSERVERS = {
-    "minmax": obs.MinMaxObserver,
-    "moving_average": obs.MovingAverageMinMaxObserver,
-    "histogram": obs.HistogramObserver,  # the clipping range minimising the L2 (MSE) error
-    "percentile": PercentileObserver,
-    "entropy": EntropyObserver,  # KL divergence, TensorRT's calibrator
-}
-RECIPE_KEY = "kd.quantization"
-
-
-@contextlib.contextmanager
-def int8_ops() -> Iterator[None]:
-    """Let int8 kernels run under ``trainer.deterministic=true``: torch has no deterministic
-    flag for some quantized ops (``quantized_resize_cpu_``), so determinism warns instead of
-    raising inside this block, and is restored after it."""
-    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-    if strict:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        if strict:
-            torch.use_deterministic_algorithms(True)
-
-
-def _fx():  # imported lazily: the module emits deprecation warnings at import
-    from torch.ao.quantization import quantize_fx
-
-    return quantize_fx
-
-
-def qconfig_mapping(observer: str, per_channel: bool, backend: str, qat: bool, bits: int = 8) -> QConfigMapping:
-    """The backend's default mapping (fixed-range ops keep their settings) with our global QConfig;
-    ``bits`` < 8 narrows the integer ranges (fake-quant only: simulated low-bit training)."""
-    act_max = 2**bits - 1  # full-range activations on every backend: see the module docstring
-    w_min, w_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    per_channel_w = dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=w_min, quant_max=w_max)
-    per_tensor_w = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=w_min, quant_max=w_max)
-    if qat:
-        activation = fq.FakeQuantize.with_args(observer=obs.MovingAverageMinMaxObserver, dtype=torch.quint8, quant_min=0, quant_max=act_max)
-        w_observer = obs.MovingAveragePerChannelMinMaxObserver if per_channel else obs.MovingAverageMinMaxObserver
-        weight = fq.FakeQuantize.with_args(observer=w_observer, **(per_channel_w if per_channel else per_tensor_w))
-        base = get_default_qat_qconfig_mapping(backend)
-    else:
-        activation = OBSERVERS[observer].with_args(dtype=torch.quint8, quant_min=0, quant_max=act_max)
-        weight = (obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver).with_args(**(per_channel_w if per_channel else per_tensor_w))
-        base = get_default_qconfig_mapping(backend)
-    return base.set_global(QConfig(activation=activation, weight=weight))
-
-
-def quantize_model(model: nn.Module, recipe: dict[str, Any], batches: list[torch.Tensor]) -> nn.Module:
-    """An int8 copy of ``model`` (float, or prepared for QAT when ``recipe["mode"] == "qat"``),
-    on the CPU; static modes are observed on ``batches`` first."""
-    torch.backends.quantized.engine = recipe["backend"]
-    fx = _fx()
-    model = copy.deepcopy(model).cpu().eval()
-    with int8_ops():
-        if recipe["mode"] == "dynamic":
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-        if recipe["mode"] != "qat":
-            mapping = qconfig_mapping(recipe["observer"], recipe["per_channel"], recipe["backend"], qat=False)
-            model = fx.prepare_fx(model, mapping, example_inputs=(batches[0][:1].cpu(),))
-            with torch.no_grad():
-                for x in batches:
-                    model(x.cpu())
-        return fx.convert_fx(model)
-
-
-def prepare_for_qat(model: nn.Module, recipe: dict[str, Any], example: torch.Tensor) -> nn.Module:
-    torch.backends.quantized.engine = recipe["backend"]
-    mapping = qconfig_mapping("moving_average", recipe["per_channel"], recipe["backend"], qat=True, bits=recipe.get("bits", 8))
-    return _fx().prepare_qat_fx(model.train(), mapping, example_inputs=(example,))
-
-
-def load_quantized(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> nn.Module:
-    """Rebuild a saved int8 model: ``model`` is the float architecture of its config; the file
-    holds the int8 state dict and the recipe (loaded with ``weights_only=True``)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    recipe = saved[RECIPE_KEY]
-    example = torch.zeros(2, *input_shape)
-    if recipe["mode"] == "qat":
-        model = prepare_for_qat(model, recipe, example[:1])
-        with torch.no_grad():
-            model(example)  # give the fake-quant observers a range; the saved one replaces it
-    quantized = quantize_model(model, recipe, [example])
-    with int8_ops():
-        quantized.load_state_dict(saved["state_dict"])
-    return quantized
-
+from callbacks.fx_quant import BACKENDS, OBSERVERS, accuracy, calibration_batches, prepare_for_qat, quantize_model
 
 class QuantizationCallback(Callback):
     """What ``kd.experiment`` calls: :meth:`check` before training, :meth:`finalize` after
@@ -291,17 +195,3 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
         return quantize_model(model, self.recipe(), []) if self.converts else model
-
-
-def calibration_batches(data: Any, n: int) -> list[torch.Tensor]:
-    """The first ``n`` batches of a fixed shuffle of the training split."""
-    order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(0))
-    return [data.train.x[chunk] for chunk in order[: n * data.batch_size].split(data.batch_size)]
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on CPU tensors, in batches."""
-    with int8_ops():
-        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return correct / len(y)

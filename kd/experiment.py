@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from callbacks import PruningCallback, QuantizationCallback
-from callbacks.quantization import RECIPE_KEY, accuracy, int8_ops
+from callbacks.fx_quant import RECIPE_KEY, accuracy, int8_ops
 from kd.checkpoint import load_weights, save_weights
 from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.data import TensorDataModule

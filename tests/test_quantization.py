@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from callbacks.observers import EntropyObserver, PercentileObserver
-from callbacks.quantization import accuracy, int8_ops, load_quantized
+from callbacks.fx_quant import accuracy, int8_ops, load_quantized
 from kd.experiment import run
 from kd.measure import state_dict_bytes
 from kd.models import LeNet5
