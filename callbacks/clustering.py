@@ -58,9 +58,9 @@ class WeightClustering(QuantizationCallback):
         start: epoch at which the weights are clustered (then fine-tuned as clusters).
         centroid_gradient: ``sum`` (the paper's eq. 3) or ``mean`` of the cluster's gradients.
             The sum over a cluster of thousands of weights is that many times a weight's
-            gradient: with a learning rate tuned for single weights it diverged here (LeNet-5 on
-            digits, lr 0.05: 9% accuracy), so ``mean`` (the sum at a learning rate divided by the
-            cluster size) is the default.
+            gradient: a LeNet-5 on digits (82%), clustered to 3 bits and fine-tuned 2 epochs with
+            SGD, ended at 14% / 8% with the sum (lr 0.01 / 0.05) and 88% / 92% with the mean,
+            so ``mean`` (the sum at a learning rate divided by the cluster size) is the default.
         layers, skip: fnmatch patterns of the conv/linear layers to cluster / leave alone.
     """
 
