@@ -26,8 +26,9 @@ from callbacks.schedule import SparsitySchedule
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-# ModelCheckpoint monitors this key while a pruning callback runs: val/acc at the final
-# sparsity, 0 before it, so the selected epoch is never one of a denser model.
+# ModelCheckpoint monitors this key while a pruning or quantization callback runs: val/acc at
+# the final sparsity (and in the quantized form), 0 before, so the selected epoch is never one
+# of a denser or still-float model.
 SELECTION_KEY = "val/acc_at_target"
 
 

@@ -11,7 +11,7 @@ is reset, so all of them take the same step and the layer keeps ``2**bits`` dist
 (each weight is also snapped to its cluster's mean after every step, against drift); zero weights (left by
 pruning) form a cluster of their own that stays at zero. The assignment is a buffer of the layer
 (``weight_cluster``), so it travels in checkpoints. The stored size is the paper's: ``bits`` per
-weight plus a 32-bit codebook per layer (``quant/size_bytes_clustered``).
+weight plus a 32-bit codebook per layer (``quant/size_bytes_coded``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ class WeightClustering(QuantizationCallback):
     def describe(self) -> str:
         return f"cluster {self.bits}-bit"
 
-    def check(self, objective: Any, pruner: Any) -> None:
+    def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
+        super().check(objective, pruner, model)
+        select_layers(model, self.layers, self.skip)  # patterns that match nothing fail now
         # Deep Compression clusters what pruning left: the pruning schedule must be over first
         schedule = getattr(pruner, "schedule", None)
         if schedule is not None and schedule.unit == "epoch" and self.start <= schedule.last:
@@ -155,7 +157,7 @@ class WeightClustering(QuantizationCallback):
             distinct = max(int(torch.unique(m.weight.detach()[m.weight_cluster < 2**self.bits]).numel()) for m in self._targets.values())
             pl_module.log("quant/max_distinct_weights", float(distinct), on_step=False, on_epoch=True)
 
-    def clustered_bytes(self, model: nn.Module) -> float:
+    def coded_bytes(self, model: nn.Module) -> float:
         """Bytes of the clustered layers stored as ``bits``-bit indices plus a 32-bit codebook,
         plus every other parameter at 32 bits (Deep Compression's accounting, before Huffman)."""
         clustered = {id(m.weight) for m in self._targets.values()}

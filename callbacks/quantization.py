@@ -40,14 +40,32 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
+from callbacks.base import SELECTION_KEY
 from callbacks.fx_quant import BACKENDS, OBSERVERS, accuracy, calibration_batches, prepare_for_qat, quantize_model
 
 class QuantizationCallback(Callback):
     """What ``kd.experiment`` calls: :meth:`check` before training, :meth:`finalize` after
-    testing (returns the int8 model, when :attr:`converts`), :meth:`recipe` saved beside its weights."""
+    testing (returns the int8 model, when :attr:`converts`), :meth:`recipe` saved beside its weights.
+
+    A quantizer that takes effect at epoch :attr:`start` (clustering, binary and log weights
+    after a float warm-up) keeps model selection to the epochs from ``start`` on, through the
+    pruners' :data:`SELECTION_KEY`: 0 before ``start``; from then on ``val/acc``, unless a pruner
+    (which runs earlier in the callback list) already wrote it for this epoch.
+    """
 
     mode = "static"
     converts = True
+    start = 0  # the epoch from which the model is in its quantized form
+    _after_pruner = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        acc = trainer.callback_metrics.get("val/acc")
+        if acc is None or trainer.sanity_checking:
+            return
+        if trainer.current_epoch < self.start:
+            trainer.callback_metrics[SELECTION_KEY] = torch.zeros_like(acc)
+        elif not self._after_pruner:
+            trainer.callback_metrics[SELECTION_KEY] = acc.clone()
 
     def __init__(self, backend: str = "x86", per_channel: bool = True) -> None:
         if backend not in BACKENDS:
@@ -62,8 +80,10 @@ class QuantizationCallback(Callback):
     def describe(self) -> str:
         return f"int8 {self.mode}"
 
-    def check(self, objective: Any, pruner: Any) -> None:
-        """Raise on combinations this quantizer does not support (before training)."""
+    def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
+        """Raise on combinations this quantizer does not support and on layer patterns that name
+        nothing in ``model`` (before training); subclasses call this too."""
+        self._after_pruner = pruner is not None
 
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
         raise NotImplementedError
@@ -71,6 +91,11 @@ class QuantizationCallback(Callback):
     def artifacts(self, run_dir: Path) -> list[Path]:
         """Files written for the run (comparison tables), to log as artifacts."""
         return []
+
+    def coded_bytes(self, model: nn.Module) -> float | None:
+        """Bytes of ``model`` in this recipe's compact encoding, for recipes that are evaluated
+        as a float model (clustered, binary, log); None when the saved int8 model is the result."""
+        return None
 
 
 class PostTrainingQuantization(QuantizationCallback):
@@ -154,7 +179,8 @@ class QuantizationAwareTraining(QuantizationCallback):
     def describe(self) -> str:
         return f"int{self.bits} qat" + ("" if self.converts else " (simulated)")
 
-    def check(self, objective: Any, pruner: Any) -> None:
+    def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
+        super().check(objective, pruner, model)
         if getattr(objective, "needs_teacher_features", False):
             raise ValueError("quantize=qat with feature distillation is not supported yet: the prepared graph "
                              "replaces the student's modules the feature hooks point at (use distill=kd or none)")  # fmt: skip
@@ -183,6 +209,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         pl_module.model.apply(torch.ao.quantization.disable_observer)  # eval data must not move the ranges
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
         if self._observing:
             pl_module.model.apply(torch.ao.quantization.enable_observer)
 

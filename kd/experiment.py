@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from callbacks import PruningCallback, QuantizationCallback
+from callbacks import SELECTION_KEY, PruningCallback, QuantizationCallback
 from callbacks.fx_quant import RECIPE_KEY, accuracy, int8_ops
 from kd.checkpoint import load_weights, save_weights
 from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
@@ -57,13 +57,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         pruner.build_model = build_student  # lottery tickets' random re-initialisation
         pruner.check(student, data.input_shape, cfg.trainer.max_epochs)  # layer names and amounts, before any training
         callbacks["prune"] = pruner
-        for c in callbacks.values():
-            if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
-                c.monitor = pruner.selection_key  # select among epochs at the final sparsity only
     quantizer: QuantizationCallback | None = instantiate(cfg.quantize) if cfg.get("quantize") else None
     if quantizer is not None:
-        quantizer.check(objective, pruner)  # unsupported combinations, before any training
-        callbacks["quantize"] = quantizer
+        quantizer.check(objective, pruner, student)  # unsupported combinations, before any training
+        callbacks["quantize"] = quantizer  # after the pruner: both write the selection key, in this order
+    if pruner is not None or quantizer is not None:
+        for c in callbacks.values():
+            if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
+                c.monitor = SELECTION_KEY  # select among epochs at the final sparsity and quantized form only
 
     output_root = Path(cfg.paths.output_root)
     tracker = Tracker(
@@ -122,9 +123,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 tracker.log_artifact(run_id, path)
         if quantizer is not None and not quantizer.converts:  # clustered or low-bit: this model is the result
             module.model = quantizer.finalize(module.model, data)
+            extras[RECIPE_KEY] = quantizer.recipe()  # saved beside the weights: what they hold
             final["quant/bits"] = float(quantizer.recipe()["bits"])
-            if hasattr(quantizer, "clustered_bytes"):
-                final["quant/size_bytes_clustered"] = quantizer.clustered_bytes(module.model)
+            if (coded := quantizer.coded_bytes(module.model)) is not None:
+                final["quant/size_bytes_coded"] = coded
             tracker.set_tags(run_id, {"kd.quant_eval": "the float model itself (no integer kernels for this recipe)"})
         final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
         if quantizer is not None and quantizer.converts:  # the int8 model: tested on the CPU, measured, saved beside the float one

@@ -17,6 +17,8 @@ def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Ratios teacher / student, when there is a teacher, and dense / pruned student, when it
     was pruned: how much smaller and faster."""
     ratios = _pruning_ratios(metrics) if "dense/params" in metrics else {}
+    if "quant/size_bytes_coded" in metrics:  # 32-bit parameters vs their compact encoding (no file overhead in either)
+        ratios["quant/coded_reduction"] = 4 * metrics["model/params"] / metrics["quant/size_bytes_coded"]
     if "teacher/params" not in metrics:
         return ratios
     ratios |= {
@@ -85,8 +87,9 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
             )
         )
     if "quant/bits" in metrics:
-        console.print(f"int{int(metrics['quant/bits'])} (simulated): the test accuracy above is the fake-quant model's; "
-                      "integer kernels exist for 8 bits only, so no integer model was made")  # fmt: skip
+        console.print(f"{int(metrics['quant/bits'])}-bit (simulated): the test accuracy above is the float model holding "
+                      "the quantized values (fake-quant); no integer kernels exist for this recipe, so no integer model was made"
+                      + (f"; {metrics['quant/coded_reduction']:.1f}x smaller in its compact encoding" if "quant/coded_reduction" in metrics else ""))  # fmt: skip
     if "quant/test_acc" in metrics:
         speed = next((v for k, v in metrics.items() if k.startswith("quant/speedup_b") and k != "quant/speedup_b1"), None)
         console.print(

@@ -196,14 +196,14 @@ def test_clustering_keeps_at_most_2_to_the_bits_values_per_layer_through_trainin
     assert accuracy(model.eval(), data.test.x, data.test.y) > accuracy(trained, data.test.x, data.test.y) - 0.1
     expected = sum(m.weight.numel() * 3 / 8 + 4 * 8 for m in cb._targets.values())
     expected += sum(4 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
-    assert cb.clustered_bytes(model) == pytest.approx(expected)
+    assert cb.coded_bytes(model) == pytest.approx(expected)
 
 
 def test_prune_then_cluster_in_one_run_keeps_the_zeros(make_cfg):
     metrics = run(make_cfg("distill=none", "prune=magnitude", "prune.sparsity=0.8", "prune.start=1",
                            "quantize=cluster", "quantize.bits=2", "quantize.start=2", "trainer.max_epochs=4"))  # fmt: skip
     assert metrics["model/sparsity_all"] > 0.7 and metrics["quant/bits"] == 2
-    assert metrics["quant/size_bytes_clustered"] < 0.2 * metrics["dense/size_bytes"]
+    assert metrics["quant/size_bytes_coded"] < 0.2 * metrics["dense/size_bytes"]
     with pytest.raises(ValueError, match="must come after the last pruning event"):
         run(make_cfg("distill=none", "prune=magnitude", "prune.start=1", "quantize=cluster", "quantize.start=1"))
 
