@@ -9,7 +9,8 @@ gradients of that cluster (the paper's centroid gradient; or their mean, the def
 ``centroid_gradient``) and the optimizer's per-weight state
 is reset, so all of them take the same step and the layer keeps ``2**bits`` distinct values
 (each weight is also snapped to its cluster's mean after every step, against drift); zero weights (left by
-pruning) form a cluster of their own that stays at zero. The assignment is a buffer of the layer
+pruning) form a cluster of their own that stays at zero, and count as one of the ``2**bits``
+codes (the non-zeros of a pruned layer share ``2**bits - 1`` centroids). The assignment is a buffer of the layer
 (``weight_cluster``), so it travels in checkpoints. The stored size is the paper's: ``bits`` per
 weight plus a 32-bit codebook per layer (``quant/size_bytes_coded``).
 """
@@ -17,6 +18,7 @@ weight plus a 32-bit codebook per layer (``quant/size_bytes_coded``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from callbacks.base import select_layers
 from callbacks.quantization import QuantizationCallback
+from kd.deep_compression import storage_metrics, storage_report, write_report
 
 INITS = ("linear", "density", "random")
 
@@ -62,19 +65,28 @@ class WeightClustering(QuantizationCallback):
             SGD, ended at 14% / 8% with the sum (lr 0.01 / 0.05) and 88% / 92% with the mean,
             so ``mean`` (the sum at a learning rate divided by the cluster size) is the default.
         layers, skip: fnmatch patterns of the conv/linear layers to cluster / leave alone.
+        index_bits_conv, index_bits_fc: bits of the relative sparse indices in the Deep
+            Compression storage report (the paper's 8 and 5), see ``kd/deep_compression.py``;
+            the run logs ``dc/*`` per stage and per layer and ``deep_compression.csv``.
     """
 
     mode = "cluster"
     converts = False
 
     def __init__(self, bits: int = 4, init: str = "linear", start: int = 0, centroid_gradient: str = "mean",
-                 layers: Sequence[str] | None = None, skip: Sequence[str] = ()) -> None:  # fmt: skip
+                 layers: Sequence[str] | None = None, skip: Sequence[str] = (), index_bits_conv: int = 8,
+                 index_bits_fc: int = 5) -> None:  # fmt: skip
         if not 1 <= bits <= 8:
             raise ValueError(f"quantize.bits must lie in [1, 8] for clustering, got {bits}")
         if init not in INITS:
             raise ValueError(f"quantize.init must be one of {INITS}, got {init!r}")
         if centroid_gradient not in ("sum", "mean"):
             raise ValueError(f"quantize.centroid_gradient must be 'sum' or 'mean', got {centroid_gradient!r}")
+        for key, value in (("index_bits_conv", index_bits_conv), ("index_bits_fc", index_bits_fc)):
+            if not 1 <= value <= 16:
+                raise ValueError(f"quantize.{key} must lie in [1, 16], got {value}")
+        self.index_bits_conv, self.index_bits_fc = index_bits_conv, index_bits_fc
+        self._storage: tuple[list[dict], dict[str, float]] | None = None
         self.centroid_gradient = centroid_gradient
         self.bits, self.init, self.start = bits, init, start
         self.layers, self.skip = list(layers) if layers is not None else None, list(skip)
@@ -112,11 +124,16 @@ class WeightClustering(QuantizationCallback):
             for module in self._targets.values():
                 w = module.weight.detach().flatten().cpu()
                 nonzero = w != 0
-                centroids, assignment = kmeans_1d(w[nonzero], 2**self.bits, self.init)
+                # a pruned layer spends one of its 2**bits codes on zero (Deep Compression's
+                # filler entries need it too), so its non-zeros share 2**bits - 1 centroids
+                k = 2**self.bits - 1 if self.bits > 1 and not bool(nonzero.all()) else 2**self.bits
+                centroids, assignment = kmeans_1d(w[nonzero], k, self.init)
                 labels = torch.full_like(w, 2**self.bits, dtype=torch.long)  # zeros: a cluster of their own
                 labels[nonzero] = assignment
+                table = torch.zeros(2**self.bits + 1)
+                table[:k] = centroids
                 module.weight_cluster.copy_(labels.view_as(module.weight))
-                module.weight.copy_(torch.cat([centroids, torch.zeros(1)])[labels].view_as(module.weight))
+                module.weight.copy_(table[labels].view_as(module.weight))
                 for optimizer in trainer.optimizers:  # per-weight momentum would pull a cluster apart
                     optimizer.state.pop(module.weight, None)
             self._clustered = True
@@ -163,6 +180,14 @@ class WeightClustering(QuantizationCallback):
         clustered = {id(m.weight) for m in self._targets.values()}
         coded = sum(m.weight.numel() * self.bits / 8 + 4 * 2**self.bits for m in self._targets.values())
         return coded + sum(4 * p.numel() for p in model.parameters() if id(p) not in clustered)
+
+    def extra_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Deep Compression's storage per stage and per layer (``dc/*``)."""
+        self._storage = storage_report(model, self.index_bits_conv, self.index_bits_fc)
+        return storage_metrics(*self._storage)
+
+    def artifacts(self, run_dir: Path) -> list[Path]:
+        return [write_report(*self._storage, Path(run_dir) / "deep_compression.csv")] if self._storage else []
 
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
         for module in self._targets.values():

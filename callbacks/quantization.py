@@ -92,6 +92,10 @@ class QuantizationCallback(Callback):
         """Files written for the run (comparison tables), to log as artifacts."""
         return []
 
+    def extra_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Recipe-specific metrics of the final (float-evaluated) model, logged with the run."""
+        return {}
+
     def coded_bytes(self, model: nn.Module) -> float | None:
         """Bytes of ``model`` in this recipe's compact encoding, for recipes that are evaluated
         as a float model (clustered, binary, log); None when the saved int8 model is the result."""

@@ -200,10 +200,19 @@ def test_clustering_keeps_at_most_2_to_the_bits_values_per_layer_through_trainin
 
 
 def test_prune_then_cluster_in_one_run_keeps_the_zeros(make_cfg):
-    metrics = run(make_cfg("distill=none", "prune=magnitude", "prune.sparsity=0.8", "prune.start=1",
-                           "quantize=cluster", "quantize.bits=2", "quantize.start=2", "trainer.max_epochs=4"))  # fmt: skip
+    cfg = make_cfg("distill=none", "prune=magnitude", "prune.sparsity=0.8", "prune.start=1",
+                   "quantize=cluster", "quantize.bits=2", "quantize.start=2", "trainer.max_epochs=4")  # fmt: skip
+    metrics = run(cfg)
     assert metrics["model/sparsity_all"] > 0.7 and metrics["quant/bits"] == 2
     assert metrics["quant/size_bytes_coded"] < 0.2 * metrics["dense/size_bytes"]
+    # Deep Compression's stages each shrink the model further, and are tabled per layer
+    assert 1 < metrics["dc/ratio_pruned"] < metrics["dc/ratio_quantized"] < metrics["dc/ratio_huffman"]
+    table = (Path(cfg.paths.run_dir) / "deep_compression.csv").read_text().splitlines()
+    assert table[0].startswith("layer,params,nonzero") and table[-1].startswith("total")
+    state = torch.load(Path(cfg.paths.run_dir) / "student.pt", weights_only=True)["state_dict"]
+    for name, w in state.items():
+        if name.endswith("weight"):  # pruned and clustered: zero is one of the 2**bits codes
+            assert 0.0 in w and torch.unique(w).numel() <= 4, name
     with pytest.raises(ValueError, match="must come after the last pruning event"):
         run(make_cfg("distill=none", "prune=magnitude", "prune.start=1", "quantize=cluster", "quantize.start=1"))
 
