@@ -86,9 +86,16 @@ def load_weights(
     """Load weights into ``model`` strictly; a mismatch names the missing and unexpected keys.
 
     A physically pruned checkpoint first removes its channels from ``model`` (the dense
-    architecture of its config), which needs ``input_shape`` to trace the graph.
+    architecture of its config), which needs ``input_shape`` to trace the graph; a factorised
+    one first replaces its layers by their low-rank factors (``kd.factorize``).
     """
-    state, pruned = read_checkpoint(path, allow_pickle)
+    obj = _load(path, allow_pickle)
+    state, extras = _state_dict(obj, path), obj if isinstance(obj, dict) else {}
+    pruned = extras.get(PRUNED_KEY, {})
+    if "kd.factorized" in extras:  # a low-rank model: rebuild its two-layer factors first
+        from kd.factorize import LowRank  # imported here: kd.factorize imports the callbacks package
+
+        LowRank.apply_ranks(model, extras["kd.factorized"])
     if pruned:
         if input_shape is None:
             raise ValueError(f"{path} holds a physically pruned model: loading it needs the input shape")

@@ -24,6 +24,7 @@ from callbacks.fx_quant import RECIPE_KEY, accuracy, int8_ops
 from kd.checkpoint import load_weights, save_weights
 from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.data import TensorDataModule
+from kd.factorize import FACTORIZED_KEY, LowRank
 from kd.measure import measure, measure_quantized
 from kd.modules import ClassifierModule, DistillationModule
 from kd.summary import print_summary, summary_metrics
@@ -61,6 +62,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if quantizer is not None:
         quantizer.check(objective, pruner, student)  # unsupported combinations, before any training
         callbacks["quantize"] = quantizer  # after the pruner: both write the selection key, in this order
+    factorizer: LowRank | None = instantiate(cfg.factorize) if cfg.get("factorize") else None
+    if factorizer is not None:
+        _check_factorize(factorizer, student, objective, pruner, quantizer)
     if pruner is not None or quantizer is not None:
         for c in callbacks.values():
             if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
@@ -74,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         enabled=rank_zero_only.rank == 0,
     )
     context = hydra_context()
-    name = cfg.tracking.run_name or _run_name(cfg, objective, context, pruner, quantizer)
+    name = cfg.tracking.run_name or _run_name(cfg, objective, context, pruner, factorizer, quantizer)
     fingerprint_cfg = config_hash(cfg)
     if cfg.resume and (done := tracker.finished_run(fingerprint_cfg)) is not None:
         log.info("resume: skipping '%s', FINISHED as run %s", name, done.pop("run_id"))
@@ -82,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tags = {
         "kd.role": "student",
         "kd.objective": objective.describe(),
-        "kd.compression": " + ".join(c.describe() for c in (pruner, quantizer) if c is not None) or "none",
+        "kd.compression": " + ".join(c.describe() for c in (pruner, factorizer, quantizer) if c is not None) or "none",
         "kd.config_hash": fingerprint_cfg,
     }
     with tracker.open_run(name, tags | context["tags"]) as run_id:
@@ -121,12 +125,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
             extras = pruner.saved_extras()
             for path in pruner.artifacts(Path(cfg.paths.run_dir)):
                 tracker.log_artifact(run_id, path)
+        if factorizer is not None:  # low-rank factors, fine-tuned: measured and tested again
+            tested["test/acc"] = final["test/acc"] = _factorize(cfg, factorizer, module, data, final, extras, tracker, run_id)
         if quantizer is not None and not quantizer.converts:  # clustered or low-bit: this model is the result
             module.model = quantizer.finalize(module.model, data)
             extras[RECIPE_KEY] = quantizer.recipe()  # saved beside the weights: what they hold
             final["quant/bits"] = float(quantizer.recipe()["bits"])
             if (coded := quantizer.coded_bytes(module.model)) is not None:
                 final["quant/size_bytes_coded"] = coded
+            final.update(quantizer.extra_metrics(module.model))
             tracker.set_tags(run_id, {"kd.quant_eval": "the float model itself (no integer kernels for this recipe)"})
         final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
         if quantizer is not None and quantizer.converts:  # the int8 model: tested on the CPU, measured, saved beside the float one
@@ -135,8 +142,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             final.update({f"quant/compare/{k}/test_acc": v for k, v in getattr(quantizer, "comparison", {}).items()})
             recipe = {RECIPE_KEY: quantizer.recipe()}
             tracker.log_artifact(run_id, save_weights(int8, Path(cfg.paths.run_dir) / "student_int8.pt", recipe))
-            for path in quantizer.artifacts(Path(cfg.paths.run_dir)):
-                tracker.log_artifact(run_id, path)
+        for path in quantizer.artifacts(Path(cfg.paths.run_dir)) if quantizer is not None else []:
+            tracker.log_artifact(run_id, path)
         if teacher is not None:
             final["teacher/test_acc"] = teacher_acc
             final.update({f"teacher/{k}": v for k, v in _measure(cfg, teacher.model, data).items()})
@@ -256,6 +263,51 @@ def _quantized_metrics(
     for key in [k for k in measured if k.startswith("latency_ms_b")]:
         metrics[f"quant/speedup_{key.rsplit('_', 1)[1]}"] = final[f"model/{key}"] / measured[key]
     return metrics
+
+
+def _check_factorize(factorizer: LowRank, student: nn.Module, objective: Any, pruner: Any, quantizer: Any) -> None:
+    """Refuse what factorisation does not combine with, before anything is written."""
+    import copy
+
+    if pruner is not None:
+        raise ValueError("factorize with prune is not supported: both reshape the model (use one of them)")
+    if quantizer is not None and quantizer.mode not in ("static", "dynamic"):
+        raise ValueError(f"factorize with quantize={quantizer.mode} is not supported: only post-training "
+                         "quantization (quantize=ptq or dynamic) of the fine-tuned factorised model")  # fmt: skip
+    if objective.needs_teacher_features:
+        raise ValueError("factorize with feature distillation is not supported: the feature hooks may point at "
+                         "layers the factorisation replaces (use distill=kd or none)")  # fmt: skip
+    factorizer.apply(copy.deepcopy(student))  # bad layer patterns, or nothing to factorise, fail now
+
+
+def _factorize(
+    cfg: DictConfig, factorizer: LowRank, module: ClassifierModule, data: TensorDataModule,
+    final: dict[str, float], extras: dict[str, Any], tracker: Tracker, run_id: str,
+) -> float:  # fmt: skip
+    """Factorise the tested model, fine-tune it with the run's objective, test it; returns the
+    test accuracy and fills ``final`` with ``dense/*`` (before) and ``factorize/*``."""
+    from callbacks.base import scale_learning_rate
+
+    def test_acc() -> float:  # on the CPU, by rank zero alone
+        return accuracy(module.model.cpu().eval(), data.test.x, data.test.y)
+
+    final.update({f"dense/{k}": v for k, v in _measure(cfg, module.model, data).items()})
+    final["factorize/test_acc_before"] = test_acc()
+    rows = factorizer.apply(module.model)
+    final["factorize/test_acc_truncated"] = test_acc()
+    final["factorize/layers"] = float(sum(r["factorized"] for r in rows))
+    extras[FACTORIZED_KEY] = factorizer.ranks(rows)
+    tracker.log_artifact(run_id, factorizer.write_report(rows, Path(cfg.paths.run_dir) / "factorization.csv"))
+    quiet = {"enable_checkpointing": False, "devices": 1, "strategy": "auto"}  # rank zero alone, after DDP
+    if factorizer.finetune_epochs:
+
+        class _ScaleLR(pl.Callback):
+            def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                scale_learning_rate(trainer, factorizer.lr_scale)
+
+        progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None) if isinstance(c, ProgressBar)]
+        _trainer(cfg, [_ScaleLR(), *progress], False, factorizer.finetune_epochs, **quiet).fit(module, datamodule=data)
+    return test_acc()
 
 
 def _test_accuracy(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> float:

@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 
 def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Ratios teacher / student, when there is a teacher, and dense / pruned student, when it
-    was pruned: how much smaller and faster."""
-    ratios = _pruning_ratios(metrics) if "dense/params" in metrics else {}
+    """Ratios teacher / student, when there is a teacher, and dense / pruned (``prune/*``) or
+    dense / factorised (``factorize/*``) student: how much smaller and faster."""
+    stage = "factorize" if "factorize/test_acc_before" in metrics else "prune"
+    ratios = _reduction_ratios(metrics, stage) if "dense/params" in metrics else {}
     if "quant/size_bytes_coded" in metrics:  # 32-bit parameters vs their compact encoding (no file overhead in either)
         ratios["quant/coded_reduction"] = 4 * metrics["model/params"] / metrics["quant/size_bytes_coded"]
     if "teacher/params" not in metrics:
@@ -30,17 +31,17 @@ def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return ratios
 
 
-def _pruning_ratios(metrics: dict[str, float]) -> dict[str, float]:
+def _reduction_ratios(metrics: dict[str, float], stage: str) -> dict[str, float]:
     ratios = {
-        "prune/param_reduction": metrics["dense/params"] / metrics["model/params"],
-        "prune/nonzero_reduction": metrics["dense/params"] / max(metrics["model/nonzero_params"], 1),
-        "prune/size_reduction_zip": metrics["dense/size_bytes"] / metrics["model/size_bytes_zip"],
-        "prune/size_reduction_sparse": metrics["dense/size_bytes"] / metrics["model/size_bytes_sparse"],
+        f"{stage}/param_reduction": metrics["dense/params"] / metrics["model/params"],
+        f"{stage}/nonzero_reduction": metrics["dense/params"] / max(metrics["model/nonzero_params"], 1),
+        f"{stage}/size_reduction_zip": metrics["dense/size_bytes"] / metrics["model/size_bytes_zip"],
+        f"{stage}/size_reduction_sparse": metrics["dense/size_bytes"] / metrics["model/size_bytes_sparse"],
     }
     if metrics.get("model/macs"):
-        ratios["prune/mac_reduction"] = metrics["dense/macs"] / metrics["model/macs"]
+        ratios[f"{stage}/mac_reduction"] = metrics["dense/macs"] / metrics["model/macs"]
     for key in [k for k in metrics if k.startswith("dense/latency_ms_b")]:
-        ratios[f"prune/speedup_{key.rsplit('_', 1)[1]}"] = metrics[key] / metrics[key.replace("dense/", "model/")]
+        ratios[f"{stage}/speedup_{key.rsplit('_', 1)[1]}"] = metrics[key] / metrics[key.replace("dense/", "model/")]
     return ratios
 
 
@@ -85,6 +86,15 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
                 if metrics["prune/param_reduction"] > 1 and speedup and "prune/mac_reduction" in metrics
                 else " (masks: same shapes, MACs and speed as dense)"
             )
+        )
+    if "factorize/param_reduction" in metrics:
+        speedup = next((v for k, v in metrics.items() if k.startswith("factorize/speedup_b") and k != "factorize/speedup_b1"), None)
+        console.print(
+            f"low-rank: {int(metrics['factorize/layers'])} layers factorised, {metrics['factorize/param_reduction']:.2f}x fewer "
+            f"parameters" + (f", {metrics['factorize/mac_reduction']:.2f}x fewer MACs" if "factorize/mac_reduction" in metrics else "")
+            + (f", {speedup:.2f}x faster at the large batch" if speedup else "")
+            + f"; test acc {metrics['factorize/test_acc_before']:.2%} before, {metrics['factorize/test_acc_truncated']:.2%} "
+            f"truncated, {metrics['test/acc']:.2%} fine-tuned"
         )
     if "quant/bits" in metrics:
         console.print(f"{int(metrics['quant/bits'])}-bit (simulated): the test accuracy above is the float model holding "
