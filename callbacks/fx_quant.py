@@ -116,6 +116,17 @@ def calibration_batches(data: Any, n: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def agreement(reference: nn.Module, quantized: nn.Module, x: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
+    """How closely ``quantized`` follows ``reference`` on CPU inputs ``x``: the fraction of equal
+    top-1 predictions and the relative error of the logits, ``||z_q - z|| / ||z||``."""
+    with int8_ops():
+        pairs = [(reference(xb), quantized(xb)) for xb in x.split(batch_size)]
+    z, zq = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])  # (N, classes) each
+    return {"argmax_agreement": float((z.argmax(1) == zq.argmax(1)).float().mean()),
+            "logit_rel_error": float((zq - z).norm() / z.norm().clamp_min(1e-12))}  # fmt: skip
+
+
+@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on CPU tensors, in batches."""
     with int8_ops():

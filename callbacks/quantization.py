@@ -11,7 +11,7 @@
   test accuracies side by side (``ptq_compare.csv``, ``quant/compare/<estimator>/test_acc``).
 - ``QuantizationAwareTraining`` (``qat``): graph preparation (fake-quant modules, conv-BN fusion)
   in ``setup()``, before a checkpoint is restored, so resuming works; the fake-quantized student
-  trains (while distilling too); observers freeze and BatchNorm statistics fix at chosen epochs,
+  trains (while distilling, and while unstructured pruning masks it); observers freeze and BatchNorm statistics fix at chosen epochs,
   and at the end the model is converted to int8. Lightning's old QAT callback patched
   ``forward`` and broke resuming; this replaces ``pl_module.model`` by the prepared graph.
 
@@ -55,6 +55,7 @@ class QuantizationCallback(Callback):
 
     mode = "static"
     converts = True
+    prepares_graph = False  # True: set up before any pruner (kd.experiment orders the callbacks)
     start = 0  # the epoch from which the model is in its quantized form
     _after_pruner = False
 
@@ -159,6 +160,9 @@ class QuantizationAwareTraining(QuantizationCallback):
     """
 
     mode = "qat"
+    # graph surgery comes first: a pruner then registers its masks on the prepared (fake-quant)
+    # modules, which share the float weights, so masks and fake-quant train together and resume
+    prepares_graph = True
 
     def __init__(self, per_channel: bool = True, backend: str = "x86", freeze_observers_epoch: int | None = None,
                  freeze_bn_epoch: int | None = None, bits: int = 8) -> None:  # fmt: skip
@@ -188,8 +192,12 @@ class QuantizationAwareTraining(QuantizationCallback):
         if getattr(objective, "needs_teacher_features", False):
             raise ValueError("quantize=qat with feature distillation is not supported yet: the prepared graph "
                              "replaces the student's modules the feature hooks point at (use distill=kd or none)")  # fmt: skip
-        if pruner is not None:
-            raise ValueError("quantize=qat with pruning is not supported yet: prune first and use quantize=ptq on the result")
+        from callbacks.magnitude import MagnitudePruning  # imported here: magnitude imports this package's base
+
+        if pruner is not None and type(pruner) is not MagnitudePruning:
+            raise ValueError(f"quantize=qat with {type(pruner).__name__} is not supported: unstructured pruning "
+                             "(prune=magnitude|agp|iterative) trains inside the fake-quant graph; for structured or "
+                             "lottery pruning prune first and use quantize=ptq on the result")  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and not isinstance(pl_module.model, torch.fx.GraphModule):

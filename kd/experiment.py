@@ -6,6 +6,7 @@ only the Hydra shim) and returns the metrics, ``val/acc_best`` being what a swee
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from functools import partial
@@ -20,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from callbacks import SELECTION_KEY, PruningCallback, QuantizationCallback
-from callbacks.fx_quant import RECIPE_KEY, accuracy, int8_ops
+from callbacks.fx_quant import RECIPE_KEY, accuracy, agreement, int8_ops
 from kd.checkpoint import load_weights, save_weights
 from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.data import TensorDataModule
@@ -62,6 +63,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if quantizer is not None:
         quantizer.check(objective, pruner, student)  # unsupported combinations, before any training
         callbacks["quantize"] = quantizer  # after the pruner: both write the selection key, in this order
+        if quantizer.prepares_graph and "prune" in callbacks:  # QAT's graph first, the pruner's masks on it
+            callbacks = {"quantize": callbacks.pop("quantize"), **callbacks}
     factorizer: LowRank | None = instantiate(cfg.factorize) if cfg.get("factorize") else None
     if factorizer is not None:
         _check_factorize(factorizer, student, objective, pruner, quantizer)
@@ -133,12 +136,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             final["quant/bits"] = float(quantizer.recipe()["bits"])
             if (coded := quantizer.coded_bytes(module.model)) is not None:
                 final["quant/size_bytes_coded"] = coded
+                final["quant/bits_per_weight"] = 8 * coded / sum(p.numel() for p in module.model.parameters())
             final.update(quantizer.extra_metrics(module.model))
             tracker.set_tags(run_id, {"kd.quant_eval": "the float model itself (no integer kernels for this recipe)"})
         final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
         if quantizer is not None and quantizer.converts:  # the int8 model: tested on the CPU, measured, saved beside the float one
             int8 = quantizer.finalize(module.model, data)
-            final.update(_quantized_metrics(cfg, int8, data, final, float(tested["test/acc"])))
+            final.update(_quantized_metrics(cfg, module.model, int8, data, final, float(tested["test/acc"])))
             final.update({f"quant/compare/{k}/test_acc": v for k, v in getattr(quantizer, "comparison", {}).items()})
             recipe = {RECIPE_KEY: quantizer.recipe()}
             tracker.log_artifact(run_id, save_weights(int8, Path(cfg.paths.run_dir) / "student_int8.pt", recipe))
@@ -249,12 +253,15 @@ def _measure(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> dict[
 
 
 def _quantized_metrics(
-    cfg: DictConfig, int8: nn.Module, data: TensorDataModule, final: dict[str, float], float_acc: float
+    cfg: DictConfig, model: nn.Module, int8: nn.Module, data: TensorDataModule, final: dict[str, float], float_acc: float
 ) -> dict[str, float]:
     """``quant/*``: the int8 model's test accuracy (and its change from the tested float or
-    fake-quant model), size and latency, with ratios to the float student."""
+    fake-quant ``model``), its agreement with ``model`` on the test set, size and latency, with
+    ratios to the float student."""
     assert data.test is not None
-    metrics = {"quant/test_acc": accuracy(int8, data.test.x, data.test.y)}
+    metrics = {"quant/test_acc": accuracy(int8, data.test.x, data.test.y), "quant/bits_per_weight": 8.0}
+    reference = copy.deepcopy(model).cpu().eval()  # the tested float (or fake-quant) model
+    metrics |= {f"quant/{k}": v for k, v in agreement(reference, int8, data.test.x).items()}
     metrics["quant/acc_delta"] = metrics["quant/test_acc"] - float_acc
     with int8_ops():
         measured = measure_quantized(int8, data.input_shape, large_batch=cfg.measure.large_batch, latency=cfg.measure.latency)
@@ -267,8 +274,6 @@ def _quantized_metrics(
 
 def _check_factorize(factorizer: LowRank, student: nn.Module, objective: Any, pruner: Any, quantizer: Any) -> None:
     """Refuse what factorisation does not combine with, before anything is written."""
-    import copy
-
     if pruner is not None:
         raise ValueError("factorize with prune is not supported: both reshape the model (use one of them)")
     if quantizer is not None and quantizer.mode not in ("static", "dynamic"):

@@ -103,7 +103,8 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
     if "quant/test_acc" in metrics:
         speed = next((v for k, v in metrics.items() if k.startswith("quant/speedup_b") and k != "quant/speedup_b1"), None)
         console.print(
-            f"int8: test acc {metrics['quant/test_acc']:.2%} ({metrics['quant/acc_delta']:+.2%} vs the tested model), "
+            f"int8: test acc {metrics['quant/test_acc']:.2%} ({metrics['quant/acc_delta']:+.2%} vs the tested model, "
+            f"{metrics['quant/argmax_agreement']:.2%} same predictions, logits {metrics['quant/logit_rel_error']:.1%} off), "
             f"{metrics['quant/size_reduction']:.2f}x smaller on disk" + (f", {speed:.2f}x faster at the large batch" if speed else "")
         )
     console.print(f"MLflow: {tracker.ui_command()}  (experiment '{tracker.experiment_name}')", soft_wrap=True)

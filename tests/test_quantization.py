@@ -110,6 +110,8 @@ def test_a_quantized_run_tests_measures_and_saves_a_reloadable_int8_model(make_c
     cfg = make_cfg("distill=none", "model@student.model=lenet5", "quantize=ptq", "quantize.calibration_batches=4", "trainer.max_epochs=3")
     metrics = run(cfg)
     assert metrics["quant/size_reduction"] > 2.5 and abs(metrics["quant/acc_delta"]) < 0.05
+    assert metrics["quant/argmax_agreement"] > 0.95 and 0 < metrics["quant/logit_rel_error"] < 0.1
+    assert metrics["quant/bits_per_weight"] == 8
     path = Path(cfg.paths.run_dir) / "student_int8.pt"
     reloaded = load_quantized(LeNet5(10, SHAPE), path, SHAPE)
     assert accuracy(reloaded, digits().test.x, digits().test.y) == pytest.approx(metrics["quant/test_acc"])
@@ -120,7 +122,8 @@ def test_a_quantized_run_tests_measures_and_saves_a_reloadable_int8_model(make_c
     [
         (["quantize=ptq", "quantize.backend=tpu"], "quantize.backend must be one of"),
         (["quantize=ptq", "quantize.observer=kl"], "quantize.observer must be one of"),
-        (["quantize=qat", "prune=agp"], "quantize=qat with pruning is not supported yet"),
+        (["quantize=qat", "prune=structured", "model@student.model=lenet5"], "quantize=qat with StructuredPruning is not supported"),
+        (["quantize=qat", "prune=lottery"], "quantize=qat with LotteryTicket is not supported"),
         (["quantize=qat", "distill=at", "model@student.model=resnet8", "model@teacher.model=resnet8"], "feature distillation"),
     ],
 )
@@ -227,3 +230,56 @@ def test_every_weight_of_a_cluster_gets_the_clusters_summed_gradient():
     layer.weight.grad = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     cb.on_after_backward(None, None)
     assert layer.weight.grad.tolist() == [[4.0, 2.0, 4.0, 0.0]]  # eq. 3 of Deep Compression; zeros frozen
+
+
+def test_agreement_measures_prediction_and_logit_differences():
+    from callbacks.fx_quant import agreement
+
+    reference = torch.nn.Linear(4, 3)
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    scaled = torch.nn.Sequential(reference, torch.nn.Identity())
+    assert agreement(reference, reference, x) == {"argmax_agreement": 1.0, "logit_rel_error": 0.0}
+
+    class Times(torch.nn.Module):
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.factor * scaled(x)
+
+    bigger = agreement(reference, Times(1.1), x)  # same argmax, logits 10% off
+    assert bigger["argmax_agreement"] == 1.0 and bigger["logit_rel_error"] == pytest.approx(0.1, rel=1e-5)
+    assert agreement(reference, Times(-1.0), x)["argmax_agreement"] < 0.5  # the argmax becomes the argmin
+
+
+def test_qat_with_gradual_pruning_gives_a_sparse_int8_model(make_cfg):
+    cfg = make_cfg("distill=kd", "model@student.model=lenet5", "quantize=qat", "prune=agp", "prune.sparsity=0.75",
+                   "prune.start=0", "prune.end=2", "prune.every=1", "trainer.max_epochs=4")  # fmt: skip
+    metrics = run(cfg)
+    assert metrics["model/sparsity_all"] > 0.7  # the masked weights of the fake-quant graph (biases are dense)
+    assert metrics["quant/argmax_agreement"] > 0.95 and abs(metrics["quant/acc_delta"]) < 0.03
+    int8 = load_quantized(LeNet5(10, SHAPE), Path(cfg.paths.run_dir) / "student_int8.pt", SHAPE)
+    weights = [m.weight() for m in int8.modules() if hasattr(m, "weight") and callable(m.weight)]
+    zeros = sum(int((w.int_repr() == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros > 0.749  # the pruned weights (75% of each layer, rounded) are int8 zeros
+
+
+def test_qat_with_pruning_resumes_with_masks_on_the_prepared_graph(tmp_path):
+    from callbacks import MagnitudePruning
+
+    def fit(root: Path, ckpt: str | None = None, kill: bool = False):
+        pl.seed_everything(0, verbose=False)
+        lit = module(LeNet5(10, SHAPE))
+        callbacks = [QuantizationAwareTraining(), MagnitudePruning(0.6, schedule="agp", start=0, end=3, every=1),
+                     ModelCheckpoint(dirpath=root, save_last=True), *([KillAt(2)] if kill else [])]  # fmt: skip
+        trainer(callbacks, 4, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
+        return lit
+
+    full = fit(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "cut", kill=True)
+    resumed = fit(tmp_path / "cut", ckpt=str(tmp_path / "cut" / "last.ckpt"))
+    state = dict(resumed.model.state_dict())
+    assert any(k.endswith("weight_mask") for k in state) and any("activation_post_process" in k for k in state)
+    torch.testing.assert_close(dict(full.model.state_dict()), state)
