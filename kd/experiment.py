@@ -54,18 +54,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if build_teacher is not None:
         build_teacher()  # architecture errors surface now, not after a teacher was trained
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
-    pruner: PruningCallback | None = instantiate(cfg.prune) if cfg.get("prune") else None
+    pruner: PruningCallback | None = _optional(cfg, "prune")
     if pruner is not None:
         pruner.build_model = build_student  # lottery tickets' random re-initialisation
         pruner.check(student, data.input_shape, cfg.trainer.max_epochs)  # layer names and amounts, before any training
         callbacks["prune"] = pruner
-    quantizer: QuantizationCallback | None = instantiate(cfg.quantize) if cfg.get("quantize") else None
+    quantizer: QuantizationCallback | None = _optional(cfg, "quantize")
     if quantizer is not None:
         quantizer.check(objective, pruner, student)  # unsupported combinations, before any training
         callbacks["quantize"] = quantizer  # after the pruner: both write the selection key, in this order
         if quantizer.prepares_graph and "prune" in callbacks:  # QAT's graph first, the pruner's masks on it
             callbacks = {"quantize": callbacks.pop("quantize"), **callbacks}
-    factorizer: LowRank | None = instantiate(cfg.factorize) if cfg.get("factorize") else None
+    factorizer: LowRank | None = _optional(cfg, "factorize")
     if factorizer is not None:
         _check_factorize(factorizer, student, objective, pruner, quantizer)
     if pruner is not None or quantizer is not None:
@@ -333,6 +333,20 @@ def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any], *compres
 
 def _flat_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     return {f"teacher.{k}": v for k, v in flatten(recipe).items()}
+
+
+def _optional(cfg: DictConfig, group: str) -> Any:
+    """The object of an optional group (``prune``, ``quantize``, ``factorize``), or None for its
+    ``none`` option. An experiment that sets keys of the group and a command line that picks
+    ``none`` (a baseline of the experiment: ``experiment=... prune=none``) leave keys without a
+    ``_target_``: they are ignored, and the log says which."""
+    node = cfg.get(group)
+    if not node:
+        return None
+    if "_target_" not in node:
+        log.warning("%s=none: ignoring %s", group, ", ".join(f"{group}.{k}" for k in node))
+        return None
+    return instantiate(node)
 
 
 def _check_keys(node: DictConfig) -> None:

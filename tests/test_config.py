@@ -157,4 +157,23 @@ def test_every_quantize_option_instantiates(make_cfg, option):
         assert not cfg.quantize
         return
     quantizer = instantiate(cfg.quantize)
-    assert isinstance(quantizer, callbacks.QuantizationCallback) and quantizer.recipe()["mode"] in ("static", "dynamic", "qat", "cluster")
+    assert isinstance(quantizer, callbacks.QuantizationCallback) and quantizer.recipe()["mode"] in ("static", "dynamic", "qat", "cluster", "binary", "log")
+
+
+@pytest.mark.parametrize("option", _options("factorize"))
+def test_every_factorize_option_instantiates(make_cfg, option):
+    from kd.factorize import LowRank
+
+    cfg = make_cfg(f"factorize={option}")
+    assert (not cfg.factorize) if option == "none" else isinstance(instantiate(cfg.factorize), LowRank)
+
+
+def test_a_baseline_of_an_experiment_drops_its_compression_keys(make_cfg, caplog):
+    from kd.experiment import _optional
+
+    cfg = make_cfg("experiment=deep_compression_lenet300", "prune=none", "quantize=none")
+    assert set(cfg.prune) >= {"amounts", "start"}  # the experiment's keys, without a _target_
+    with caplog.at_level("WARNING"):
+        assert _optional(cfg, "prune") is None and _optional(cfg, "quantize") is None
+    assert "prune=none: ignoring prune.amounts" in caplog.text
+    assert isinstance(_optional(make_cfg("experiment=deep_compression_lenet300"), "prune"), callbacks.MagnitudePruning)
