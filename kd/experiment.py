@@ -91,6 +91,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "kd.objective": objective.describe(),
         "kd.compression": " + ".join(c.describe() for c in (pruner, factorizer, quantizer) if c is not None) or "none",
         "kd.config_hash": fingerprint_cfg,
+        **({"kd.paper": str(cfg.reproduce.paper), "kd.setting": str(cfg.reproduce.setting)} if cfg.get("reproduce", {}).get("paper") else {}),
     }
     with tracker.open_run(name, tags | context["tags"]) as run_id:
         tracker.log_config(run_id, cfg)
