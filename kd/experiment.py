@@ -169,9 +169,10 @@ def _obtain_teacher(
     cfg: DictConfig, data: TensorDataModule, build: Any, tracker: Tracker, context: dict[str, Any]
 ) -> Teacher:
     tcfg = cfg.teacher
+    augment = data.augment if tcfg.get("augment") is None else bool(tcfg.augment)  # the teacher's own, if set
     recipe = {
         "model": OmegaConf.to_container(tcfg.model, resolve=True),
-        "data": data.fingerprint() | {"batch_size": data.batch_size},
+        "data": _with_augment(data, augment, data.fingerprint) | {"batch_size": data.batch_size},
         "seed": tcfg.seed,
         "max_epochs": tcfg.max_epochs,
         "optimizer": OmegaConf.to_container(tcfg.optimizer, resolve=True),
@@ -193,7 +194,7 @@ def _obtain_teacher(
             progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None)
                         if not isinstance(c, ModelCheckpoint)]  # fmt: skip
             trainer = _trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
-            trainer.fit(module, datamodule=data)
+            _with_augment(data, augment, lambda: trainer.fit(module, datamodule=data))
             metrics = {"val/acc": float(trainer.callback_metrics["val/acc"])}
             metrics["test/acc"] = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
             tracker.log_metrics(run_id, {f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
@@ -210,6 +211,16 @@ def _obtain_teacher(
         train=train,
         make_module=make_module,
     )
+
+
+def _with_augment(data: TensorDataModule, augment: bool, call: Any) -> Any:
+    """``call()`` with the data's random augmentation switched to ``augment`` (the teacher's
+    ``teacher.augment``: Hinton et al.'s teacher trains on jittered images, the student not)."""
+    saved, data.augment = data.augment, augment
+    try:
+        return call()
+    finally:
+        data.augment = saved
 
 
 def _student_module(

@@ -121,6 +121,19 @@ def test_random_crop_flip_moves_content_but_keeps_shape():
     assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
 
 
+def test_jitter_without_flips_only_shifts_the_image():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, 0, 4, 3] = 1.0  # one pixel left of centre: a flip would move it to column 5 +- 2
+    out = random_crop_flip(x, padding=2, flip=False)
+    rows, cols = (out[:, 0] == 1.0).nonzero()[:, 1:].T
+    assert out.sum() == 64 and rows.sub(4).abs().max() <= 2 and cols.sub(3).abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # the shifts vary across the batch
+    # with flips, about half the images are mirrored: column 8 - (3 +- 2)
+    flipped = (random_crop_flip(x, padding=0, flip=True)[:, 0, 4, 5] == 1.0).float().mean()
+    assert 0.25 < flipped < 0.75
+
+
 def test_augmentation_turns_the_teacher_cache_off():
     assert DigitsDataModule().deterministic_inputs
     assert not DigitsDataModule(augment=True).deterministic_inputs

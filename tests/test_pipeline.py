@@ -67,6 +67,23 @@ def test_second_run_reuses_the_teacher_by_fingerprint(make_cfg):
     assert len(_runs(cfg, "teacher")) == 2
 
 
+def test_a_teacher_can_train_on_augmented_data_while_the_student_does_not(make_cfg, monkeypatch):
+    import kd.data.base as base
+
+    calls: list[str] = []
+    original = base.random_crop_flip
+    monkeypatch.setattr(base, "random_crop_flip", lambda x, p, f: calls.append(f"{p},{f}") or original(x, p, f))
+    cfg = make_cfg("teacher.augment=true")
+    run(cfg)
+    assert calls and set(calls) == {"2,False"}  # the teacher's batches: jitter of 2 pixels, no flips
+    (student,) = _runs(cfg, "student")
+    assert student.data.tags["kd.teacher_logits"] == "cached"  # the student's inputs are deterministic
+    (teacher,) = _runs(cfg, "teacher")
+    assert teacher.data.params["teacher.data.augment"] == "True" and teacher.data.params["teacher.data.augment_padding"] == "2"
+    run(make_cfg())  # the same teacher without augmentation is another teacher
+    assert len(_runs(cfg, "teacher")) == 2
+
+
 def test_baseline_has_no_teacher(make_cfg):
     cfg = make_cfg("distill=none")
     metrics = run(cfg)

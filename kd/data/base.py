@@ -102,12 +102,15 @@ def _already_batched(batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tens
     return batch
 
 
-def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
-    """Batched CIFAR augmentation on whatever device ``x`` lives: zero-pad, random crop, h-flip.
+def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True) -> Tensor:
+    """Batched augmentation on whatever device ``x`` lives: zero-pad, random crop (a shift of up
+    to ``padding`` pixels each way), and a horizontal flip of half the images when ``flip``.
+    CIFAR's is padding 4 with flips; Hinton et al.'s MNIST jitter is padding 2 without.
 
     Args:
         x: ``(B, C, H, W)``.
         padding: pixels of zero padding on each side before the crop.
+        flip: flip half of the images left-right.
     """
     b, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
@@ -118,8 +121,10 @@ def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
     batch_ix = torch.arange(b, device=x.device)[:, None, None, None]
     chan_ix = torch.arange(c, device=x.device)[None, :, None, None]
     out = padded[batch_ix, chan_ix, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
-    flip = torch.rand(b, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if not flip:
+        return out
+    flipped = torch.rand(b, device=x.device) < 0.5
+    return torch.where(flipped[:, None, None, None], out.flip(-1), out)
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -136,6 +141,8 @@ class TensorDataModule(pl.LightningDataModule):
         augment: random crop with padding and horizontal flip, batched on the training
             device. Makes the training inputs non-deterministic, which disables the teacher
             logit cache.
+        augment_padding: the largest shift of the random crop, in pixels (CIFAR: 4).
+        augment_flip: also flip half the images left-right (not for digits and letters).
     """
 
     classes: tuple[str, ...] = ()
@@ -150,8 +157,12 @@ class TensorDataModule(pl.LightningDataModule):
         limit_train: int | None = None,
         limit_eval: int | None = None,
         augment: bool = False,
+        augment_padding: int = 4,
+        augment_flip: bool = True,
     ) -> None:
         super().__init__()
+        if augment_padding < 0:
+            raise ValueError(f"data.augment_padding must be >= 0, got {augment_padding}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
         if not 0.0 < val_fraction < 1.0:
@@ -165,7 +176,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.limit_train = limit_train
         self.limit_eval = limit_eval
-        self.augment = augment
+        self.augment, self.augment_padding, self.augment_flip = augment, augment_padding, augment_flip
         self.train: Split | None = None
         self.val: Split | None = None
         self.test: Split | None = None
@@ -204,6 +215,7 @@ class TensorDataModule(pl.LightningDataModule):
             "limit_train": self.limit_train,
             "limit_eval": self.limit_eval,
             "augment": self.augment,
+            **({"augment_padding": self.augment_padding, "augment_flip": self.augment_flip} if self.augment else {}),
         }
 
     # -- Lightning hooks ----------------------------------------------------------------
@@ -246,7 +258,7 @@ class TensorDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor, Tensor], dataloader_idx: int) -> tuple:
         if self.augment and self.trainer is not None and self.trainer.training:
             x, y, index = batch
-            return random_crop_flip(x), y, index
+            return random_crop_flip(x, self.augment_padding, self.augment_flip), y, index
         return batch
 
     # -- helpers ------------------------------------------------------------------------

@@ -48,8 +48,11 @@ class DigitsDataModule(TensorDataModule):
         limit_train: int | None = None,
         limit_eval: int | None = None,
         augment: bool = False,
+        augment_padding: int = 4,
+        augment_flip: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, val_fraction, split_seed, limit_train, limit_eval, augment)
+        super().__init__(batch_size, eval_batch_size, val_fraction, split_seed, limit_train, limit_eval, augment,
+                         augment_padding, augment_flip)  # fmt: skip
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction
@@ -92,8 +95,11 @@ class FashionMNISTDataModule(TensorDataModule):
         limit_train: int | None = None,
         limit_eval: int | None = None,
         augment: bool = False,
+        augment_padding: int = 4,
+        augment_flip: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, val_fraction, split_seed, limit_train, limit_eval, augment)
+        super().__init__(batch_size, eval_batch_size, val_fraction, split_seed, limit_train, limit_eval, augment,
+                         augment_padding, augment_flip)  # fmt: skip
         self.root = Path(root).expanduser()
 
     def _path(self, stem: str) -> Path:
@@ -143,8 +149,11 @@ class TorchvisionDataModule(TensorDataModule):
         limit_train: int | None = None,
         limit_eval: int | None = None,
         augment: bool = False,
+        augment_padding: int = 4,
+        augment_flip: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, val_fraction, split_seed, limit_train, limit_eval, augment)
+        super().__init__(batch_size, eval_batch_size, val_fraction, split_seed, limit_train, limit_eval, augment,
+                         augment_padding, augment_flip)  # fmt: skip
         self.root = Path(root).expanduser()
         self.download = download
 
