@@ -27,6 +27,7 @@ from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported:
 from kd.data import TensorDataModule
 from kd.factorize import FACTORIZED_KEY, LowRank
 from kd.measure import measure, measure_quantized
+from kd.omitted import bias_correction, drop_classes
 from kd.modules import ClassifierModule, DistillationModule
 from kd.summary import print_summary, summary_metrics
 from kd.teacher import Teacher, fingerprint, obtain_teacher, seeded
@@ -51,6 +52,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     student = seeded(cfg.seed, build_student)()
     if cfg.student.init_checkpoint:
         load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
+    omit = [int(c) for c in cfg.student.get("omit_classes") or []]
+    if omit and (not set(omit) <= set(range(data.num_classes)) or len(set(omit)) >= data.num_classes):
+        raise ValueError(f"student.omit_classes must be some of the classes 0..{data.num_classes - 1}, got {omit}")
     if build_teacher is not None:
         build_teacher()  # architecture errors surface now, not after a teacher was trained
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
@@ -106,6 +110,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 **({"kd.teacher_run_id": teacher.run_id} if teacher.run_id else {}),
             })  # fmt: skip
 
+        if omit:  # the student's transfer set lacks these classes; the teacher saw them
+            data.train = drop_classes(data.train, omit)
+            tracker.set_tags(run_id, {"kd.omit_classes": ",".join(map(str, omit))})
+
         # 3. The student's module and trainer; same seed whether or not a teacher was trained.
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = _student_module(cfg, objective, student, teacher, data, tracker, run_id)
@@ -120,6 +128,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         teacher_acc = _test_accuracy(cfg, teacher.model, data) if teacher is not None else None
         if rank_zero_only.rank != 0:
             return final  # under DDP, rank zero alone measures and logs
+        if omit:
+            final.update(bias_correction(module.model, data, omit))
 
         # 5. Measure teacher and student the same way; log, save, summarise.
         extras = {}
