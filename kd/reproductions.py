@@ -165,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uri", default=None, help="tracking URI (default: as a run resolves it)")
     parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default: {EXPERIMENT})")
     parser.add_argument("--out", type=Path, default=Path("REPRODUCTIONS.md"))
+    parser.add_argument("--conf", type=Path, default=CONF, help="folder of the experiment configs (default: conf/experiment)")
     args = parser.parse_args(argv)
     uri = resolve_uri(args.uri, Path("outputs"))
     present = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
     runs = load_runs(MlflowClient(tracking_uri=uri), args.experiment) if present else {}
     sections, total = [], 0.0
-    for paper in papers():
+    for paper in papers(args.conf):
         text, seconds = section(paper, runs)
         sections.append(text)
         total += seconds

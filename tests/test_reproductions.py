@@ -1,0 +1,85 @@
+"""REPRODUCTIONS.md generation: claims checked against hand-made run statistics, and a whole
+file written from a store holding tagged runs."""
+
+import math
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from kd.reproductions import check, main, papers
+
+
+def _runs(*values: float, metric: str = "test/acc", **extra: float) -> list[dict]:
+    return [{"metrics": {metric: v, **extra}, "seed": i, "epochs": "5", "data": "Digits", "seconds": 60.0} for i, v in enumerate(values)]
+
+
+ROWS = {"a": _runs(0.90, 0.92), "b": _runs(0.85, 0.87, **{"teacher/test_acc": 0.95}), "c": _runs(0.80, 0.80)}
+
+
+def lookup(name: str) -> list[dict]:
+    return ROWS.get(name, [])
+
+
+def test_a_difference_claim_reports_the_difference_and_its_standard_error():
+    holds, why = check({"metric": "test/acc", "setting": "a", "vs": "b", "min_diff": 0.04}, lookup)
+    se = math.sqrt(0.01**2 / 2 + 0.01**2 / 2) * 100  # population std 0.01 in both rows
+    assert holds and f"a - b = +5 ± {se:.2g} points" in why
+    assert check({"metric": "test/acc", "setting": "a", "vs": "b", "min_diff": 0.06}, lookup)[0] is False
+    assert check({"metric": "test/acc", "setting": "b", "vs": "a", "max_diff": 0.0}, lookup)[0] is True
+
+
+def test_bounds_gap_and_missing_rows():
+    assert check({"metric": "test/acc", "setting": "c", "min": 0.8}, lookup)[0] is True
+    assert check({"metric": "test/acc", "setting": "c", "max": 0.79}, lookup)[0] is False
+    # b closes (0.86 - 0.80) / (0.95 - 0.80) = 40% of the gap from c to its teacher
+    holds, why = check({"metric": "test/acc", "setting": "b", "low": "c", "high_metric": "teacher/test_acc", "min": 0.5}, lookup)
+    assert holds is False and "closes 40% of the gap" in why
+    assert check({"metric": "test/acc", "setting": "zzz", "min": 0.5}, lookup)[0] is None
+    assert check({"metric": "test/acc", "setting": "a", "vs": "zzz", "min_diff": 0.0}, lookup)[0] is None
+
+
+def test_every_committed_reproduction_config_is_well_formed():
+    found = papers()
+    assert {p["paper"] for p in found} >= {"han2015_lenet300", "deep_compression_lenet300", "hinton2015_mlp"}
+    for paper in found:
+        assert paper["title"] and paper["source"] and paper["commands"] and paper["rows"], paper["experiment"]
+        for claim in paper["claims"]:
+            assert claim["setting"] in paper["rows"], (paper["experiment"], claim)
+            assert {"vs", "min", "max", "low"} & set(claim), claim
+            assert ":" in claim.get("vs", "") or claim.get("vs", claim["setting"]) in paper["rows"], claim
+
+
+def test_the_file_is_written_from_the_store(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "toy.yaml").write_text(
+        "# @package _global_\nreproduce:\n  paper: toy\n  setting: big\n  title: Toy paper\n  source: Toy 2020\n"
+        "  commands: [python run.py experiment=toy]\n  metrics: {test/acc: test acc}\n"
+        "  rows: {small: {test/acc: 0.5}, big: {test/acc: 0.9}}\n"
+        "  claims: [{text: big beats small, metric: test/acc, setting: big, vs: small, min_diff: 0.0}]\n"
+        "  note: A toy.\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("reproductions")
+    for setting, accs in (("small", [0.6, 0.62]), ("big", [0.8, 0.84])):
+        for seed, acc in enumerate(accs):
+            run = client.create_run(exp, tags={"kd.role": "student", "kd.paper": "toy", "kd.setting": setting})
+            client.log_param(run.info.run_id, "seed", seed)
+            client.log_metric(run.info.run_id, "test/acc", acc)
+            client.set_terminated(run.info.run_id, "FINISHED")
+    failed = client.create_run(exp, tags={"kd.role": "student", "kd.paper": "toy", "kd.setting": "big"})
+    client.log_metric(failed.info.run_id, "test/acc", 0.0)
+    client.set_terminated(failed.info.run_id, "FAILED")  # never counted
+    out = tmp_path / "REPRODUCTIONS.md"
+    assert main(["--uri", uri, "--out", str(out), "--conf", str(conf)]) == 0
+    text = out.read_text()
+    assert "## Toy paper" in text and "python run.py experiment=toy" in text
+    assert "| big | 2 (0,1) |" in text and "82.00% ± 2.00% | 90.00%" in text and "61.00% ± 1.00% | 50.00%" in text
+    assert "big beats small: **holds**" in text and "**Verdict: reproduced.**" in text and "A toy." in text
+
+
+def test_an_empty_store_says_not_run(tmp_path):
+    out = tmp_path / "R.md"
+    assert main(["--uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", str(out)]) == 0
+    assert "not run" in out.read_text() and not (tmp_path / "none.db").exists()
