@@ -2,7 +2,6 @@
 file written from a store holding tagged runs."""
 
 import math
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
