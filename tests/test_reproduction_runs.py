@@ -1,0 +1,39 @@
+"""Reduced versions of two reproductions (slow: run with -m slow; CI does not): the direction of
+each paper's effect must hold with a margin over the noise across seeds."""
+
+import math
+import statistics
+
+import pytest
+
+from kd.experiment import run
+
+QUIET = ["trainer.enable_progress_bar=false", "callbacks.progress=null", "measure.latency=false"]
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+@pytest.mark.slow
+def test_hinton_soft_targets_beat_hard_labels_reduced(make_cfg):
+    """Experiment 1 (hinton2015_mlp) on 10,000 Fashion-MNIST images, 8 epochs, 3 seeds."""
+    reduced = ["experiment=hinton2015_mlp", "data.limit_train=10000", "teacher.max_epochs=8", "trainer.max_epochs=8", *QUIET]
+    acc = {setting: [run(make_cfg(*reduced, *extra, f"seed={seed}", fast=False))["test/acc"] for seed in range(3)]
+           for setting, extra in (("hard", ["distill=none"]), ("soft", []))}  # fmt: skip
+    (soft, se_soft), (hard, se_hard) = _mean_se(acc["soft"]), _mean_se(acc["hard"])
+    margin = 2 * math.hypot(se_soft, se_hard)
+    assert soft - hard > margin, f"soft {acc['soft']} vs hard {acc['hard']}: {soft - hard:+.4f} <= {margin:.4f}"
+
+
+@pytest.mark.slow
+def test_han_pruning_keeps_accuracy_at_12x_fewer_weights_reduced(make_cfg):
+    """Experiment 3 (han2015_lenet300) on 12,000 Fashion-MNIST images, 16 epochs, 3 seeds."""
+    reduced = ["experiment=han2015_lenet300", "data.limit_train=12000", "trainer.max_epochs=16",
+               "prune.start=4", "prune.end=10", "prune.every=2", *QUIET]  # fmt: skip
+    dense = [run(make_cfg(*reduced, "prune=none", f"seed={s}", fast=False)) for s in range(3)]
+    pruned = [run(make_cfg(*reduced, f"seed={s}", fast=False)) for s in range(3)]
+    assert min(m["prune/nonzero_reduction"] for m in pruned) > 11.5
+    (p, se_p), (d, se_d) = _mean_se([m["test/acc"] for m in pruned]), _mean_se([m["test/acc"] for m in dense])
+    margin = 2 * math.hypot(se_p, se_d) + 0.005  # iso-accuracy: no loss beyond the noise and half a point
+    assert p - d > -margin, f"pruned {p:.4f} vs dense {d:.4f}"
