@@ -6,7 +6,6 @@ only the Hydra shim) and returns the metrics, ``val/acc_best`` being what a swee
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 from functools import partial
@@ -16,22 +15,23 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from callbacks import SELECTION_KEY, PruningCallback, QuantizationCallback
-from callbacks.fx_quant import RECIPE_KEY, accuracy, agreement, int8_ops
+from callbacks.fx_quant import RECIPE_KEY
 from kd.checkpoint import load_weights, save_weights
 from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.data import TensorDataModule
-from kd.factorize import FACTORIZED_KEY, LowRank
-from kd.measure import measure, measure_quantized
+from kd.compress import check_factorize, factorize, quantized_metrics
+from kd.factorize import LowRank
 from kd.omitted import bias_correction, drop_classes
 from kd.modules import ClassifierModule, DistillationModule
 from kd.summary import print_summary, summary_metrics
 from kd.teacher import Teacher, fingerprint, obtain_teacher, seeded
 from kd.tracking import Tracker, config_hash, flatten, hydra_context, resolve_uri
+from kd.trainer import evaluate_accuracy, make_trainer, measure_model
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             callbacks = {"quantize": callbacks.pop("quantize"), **callbacks}
     factorizer: LowRank | None = _optional(cfg, "factorize")
     if factorizer is not None:
-        _check_factorize(factorizer, student, objective, pruner, quantizer)
+        check_factorize(factorizer, student, objective, pruner, quantizer)
     if pruner is not None or quantizer is not None:
         for c in callbacks.values():
             if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # 3. The student's module and trainer; same seed whether or not a teacher was trained.
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = _student_module(cfg, objective, student, teacher, data, tracker, run_id)
-        trainer = _trainer(cfg, list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
+        trainer = make_trainer(cfg, list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
         trainer.fit(module, datamodule=data)
         checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
@@ -125,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         # 4. Test the validation-selected epoch (Lightning logs test/acc into the run).
         tested = trainer.test(module, datamodule=data, ckpt_path=best_path or None, verbose=False)[0]
-        teacher_acc = _test_accuracy(cfg, teacher.model, data) if teacher is not None else None
+        teacher_acc = evaluate_accuracy(cfg, teacher.model, data) if teacher is not None else None
         if rank_zero_only.rank != 0:
             return final  # under DDP, rank zero alone measures and logs
         if omit:
@@ -134,13 +134,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # 5. Measure teacher and student the same way; log, save, summarise.
         extras = {}
         if pruner is not None:  # masks folded in (and channels removed): measure what is saved
-            final.update({f"dense/{k}": v for k, v in _measure(cfg, pruner.dense_view(module.model), data).items()})
+            final.update({f"dense/{k}": v for k, v in measure_model(cfg, pruner.dense_view(module.model), data).items()})
             module.model = pruner.finalize(module.model)
             extras = pruner.saved_extras()
             for path in pruner.artifacts(Path(cfg.paths.run_dir)):
                 tracker.log_artifact(run_id, path)
         if factorizer is not None:  # low-rank factors, fine-tuned: measured and tested again
-            tested["test/acc"] = final["test/acc"] = _factorize(cfg, factorizer, module, data, final, extras, tracker, run_id)
+            tested["test/acc"] = final["test/acc"] = factorize(cfg, factorizer, module, data, final, extras, tracker, run_id)
         if quantizer is not None and not quantizer.converts:  # clustered or low-bit: this model is the result
             module.model = quantizer.finalize(module.model, data)
             extras[RECIPE_KEY] = quantizer.recipe()  # saved beside the weights: what they hold
@@ -150,10 +150,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 final["quant/bits_per_weight"] = 8 * coded / sum(p.numel() for p in module.model.parameters())
             final.update(quantizer.extra_metrics(module.model))
             tracker.set_tags(run_id, {"kd.quant_eval": "the float model itself (no integer kernels for this recipe)"})
-        final.update({f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
+        final.update({f"model/{k}": v for k, v in measure_model(cfg, module.model, data).items()})
         if quantizer is not None and quantizer.converts:  # the int8 model: tested on the CPU, measured, saved beside the float one
             int8 = quantizer.finalize(module.model, data)
-            final.update(_quantized_metrics(cfg, module.model, int8, data, final, float(tested["test/acc"])))
+            final.update(quantized_metrics(cfg, module.model, int8, data, final, float(tested["test/acc"])))
             final.update({f"quant/compare/{k}/test_acc": v for k, v in getattr(quantizer, "comparison", {}).items()})
             recipe = {RECIPE_KEY: quantizer.recipe()}
             tracker.log_artifact(run_id, save_weights(int8, Path(cfg.paths.run_dir) / "student_int8.pt", recipe))
@@ -161,7 +161,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             tracker.log_artifact(run_id, path)
         if teacher is not None:
             final["teacher/test_acc"] = teacher_acc
-            final.update({f"teacher/{k}": v for k, v in _measure(cfg, teacher.model, data).items()})
+            final.update({f"teacher/{k}": v for k, v in measure_model(cfg, teacher.model, data).items()})
         final.update(summary_metrics(final))
         tracker.log_metrics(run_id, final, step=trainer.global_step)
         metrics = {"test/acc": float(tested["test/acc"]), **final}
@@ -203,11 +203,11 @@ def _obtain_teacher(
             tracker.log_params(run_id, {"teacher.fingerprint": recipe_fp} | _flat_recipe(recipe))
             progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None)
                         if not isinstance(c, ModelCheckpoint)]  # fmt: skip
-            trainer = _trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
+            trainer = make_trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
             _with_augment(data, augment, lambda: trainer.fit(module, datamodule=data))
             metrics = {"val/acc": float(trainer.callback_metrics["val/acc"])}
             metrics["test/acc"] = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
-            tracker.log_metrics(run_id, {f"model/{k}": v for k, v in _measure(cfg, module.model, data).items()})
+            tracker.log_metrics(run_id, {f"model/{k}": v for k, v in measure_model(cfg, module.model, data).items()})
             return metrics, run_id or None
 
     recipe_fp = fingerprint(recipe)
@@ -261,86 +261,6 @@ def _student_module(
     return DistillationModule(
         student, teacher.model, input_shape=data.input_shape, teacher_inputs=data.train.x if cache else None, **common
     )
-
-
-def _trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int, **overrides: Any) -> pl.Trainer:
-    if not overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)):
-        # `trainer.enable_progress_bar=false` means no bar, whatever the callbacks group holds
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
-
-
-def _measure(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> dict[str, float]:
-    return measure(model, data.input_shape, large_batch=cfg.measure.large_batch, latency=cfg.measure.latency)
-
-
-def _quantized_metrics(
-    cfg: DictConfig, model: nn.Module, int8: nn.Module, data: TensorDataModule, final: dict[str, float], float_acc: float
-) -> dict[str, float]:
-    """``quant/*``: the int8 model's test accuracy (and its change from the tested float or
-    fake-quant ``model``), its agreement with ``model`` on the test set, size and latency, with
-    ratios to the float student."""
-    assert data.test is not None
-    metrics = {"quant/test_acc": accuracy(int8, data.test.x, data.test.y), "quant/bits_per_weight": 8.0}
-    reference = copy.deepcopy(model).cpu().eval()  # the tested float (or fake-quant) model
-    metrics |= {f"quant/{k}": v for k, v in agreement(reference, int8, data.test.x).items()}
-    metrics["quant/acc_delta"] = metrics["quant/test_acc"] - float_acc
-    with int8_ops():
-        measured = measure_quantized(int8, data.input_shape, large_batch=cfg.measure.large_batch, latency=cfg.measure.latency)
-    metrics |= {f"quant/{k}": v for k, v in measured.items()}
-    metrics["quant/size_reduction"] = final["model/size_bytes"] / metrics["quant/size_bytes"]
-    for key in [k for k in measured if k.startswith("latency_ms_b")]:
-        metrics[f"quant/speedup_{key.rsplit('_', 1)[1]}"] = final[f"model/{key}"] / measured[key]
-    return metrics
-
-
-def _check_factorize(factorizer: LowRank, student: nn.Module, objective: Any, pruner: Any, quantizer: Any) -> None:
-    """Refuse what factorisation does not combine with, before anything is written."""
-    if pruner is not None:
-        raise ValueError("factorize with prune is not supported: both reshape the model (use one of them)")
-    if quantizer is not None and quantizer.mode not in ("static", "dynamic"):
-        raise ValueError(f"factorize with quantize={quantizer.mode} is not supported: only post-training "
-                         "quantization (quantize=ptq or dynamic) of the fine-tuned factorised model")  # fmt: skip
-    if objective.needs_teacher_features:
-        raise ValueError("factorize with feature distillation is not supported: the feature hooks may point at "
-                         "layers the factorisation replaces (use distill=kd or none)")  # fmt: skip
-    factorizer.apply(copy.deepcopy(student))  # bad layer patterns, or nothing to factorise, fail now
-
-
-def _factorize(
-    cfg: DictConfig, factorizer: LowRank, module: ClassifierModule, data: TensorDataModule,
-    final: dict[str, float], extras: dict[str, Any], tracker: Tracker, run_id: str,
-) -> float:  # fmt: skip
-    """Factorise the tested model, fine-tune it with the run's objective, test it; returns the
-    test accuracy and fills ``final`` with ``dense/*`` (before) and ``factorize/*``."""
-    from callbacks.base import scale_learning_rate
-
-    def test_acc() -> float:  # on the CPU, by rank zero alone
-        return accuracy(module.model.cpu().eval(), data.test.x, data.test.y)
-
-    final.update({f"dense/{k}": v for k, v in _measure(cfg, module.model, data).items()})
-    final["factorize/test_acc_before"] = test_acc()
-    rows = factorizer.apply(module.model)
-    final["factorize/test_acc_truncated"] = test_acc()
-    final["factorize/layers"] = float(sum(r["factorized"] for r in rows))
-    extras[FACTORIZED_KEY] = factorizer.ranks(rows)
-    tracker.log_artifact(run_id, factorizer.write_report(rows, Path(cfg.paths.run_dir) / "factorization.csv"))
-    quiet = {"enable_checkpointing": False, "devices": 1, "strategy": "auto"}  # rank zero alone, after DDP
-    if factorizer.finetune_epochs:
-
-        class _ScaleLR(pl.Callback):
-            def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-                scale_learning_rate(trainer, factorizer.lr_scale)
-
-        progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None) if isinstance(c, ProgressBar)]
-        _trainer(cfg, [_ScaleLR(), *progress], False, factorizer.finetune_epochs, **quiet).fit(module, datamodule=data)
-    return test_acc()
-
-
-def _test_accuracy(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> float:
-    module = ClassifierModule(model, data.num_classes, optimizer=None)  # evaluation only
-    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
-    return float(_trainer(cfg, [], False, 1, **quiet).test(module, datamodule=data, verbose=False)[0]["test/acc"])
 
 
 def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any], *compression: Any) -> str:

@@ -118,11 +118,11 @@ def test_callbacks_combine_as_a_list_of_named_entries(make_cfg):
 def test_disabling_the_progress_bar_drops_the_progress_callback(make_cfg):
     from pytorch_lightning.callbacks import ProgressBar
 
-    from kd.experiment import _trainer
+    from kd.trainer import make_trainer
 
     cfg = make_cfg("trainer.enable_progress_bar=false", fast=False)
     built = [instantiate(c) for c in cfg.callbacks.values()]
-    trainer = _trainer(cfg, built, False, 1)
+    trainer = make_trainer(cfg, built, False, 1)
     assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
 
 
