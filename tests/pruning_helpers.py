@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from kd.data import DigitsDataModule
@@ -47,3 +49,20 @@ class KillAt(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             raise RuntimeError("killed")
+
+
+def uninterrupted_and_resumed(make_model, make_callbacks, root: Path, epochs: int, kill_at: int = 2) -> tuple[ClassifierModule, ClassifierModule]:
+    """Fit ``make_model()`` with ``make_callbacks()`` straight through, and again killed at the
+    start of epoch ``kill_at`` and resumed from its last checkpoint; returns both modules."""
+
+    def fit(folder: Path, ckpt: str | None = None, kill: bool = False) -> ClassifierModule:
+        pl.seed_everything(0, verbose=False)
+        lit = module(make_model())
+        callbacks = [*make_callbacks(), ModelCheckpoint(dirpath=folder, save_last=True), *([KillAt(kill_at)] if kill else [])]
+        trainer(callbacks, epochs, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
+        return lit
+
+    full = fit(root / "full")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(root / "cut", kill=True)
+    return full, fit(root / "cut", ckpt=str(root / "cut" / "last.ckpt"))

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from callbacks.observers import EntropyObserver, PercentileObserver
@@ -15,7 +14,7 @@ from callbacks.fx_quant import accuracy, int8_ops, load_quantized
 from kd.experiment import run
 from kd.measure import state_dict_bytes
 from kd.models import LeNet5
-from tests.pruning_helpers import KillAt, digits, module, trainer
+from tests.pruning_helpers import digits, module, trainer, uninterrupted_and_resumed
 
 SHAPE = (1, 8, 8)
 
@@ -92,17 +91,7 @@ def test_the_int8_model_agrees_with_the_fake_quantized_one():
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_qat_resumes_from_a_checkpoint_with_its_prepared_graph(tmp_path):
-    def fit(root: Path, ckpt: str | None = None, kill: bool = False):
-        pl.seed_everything(0, verbose=False)
-        lit = module(LeNet5(10, SHAPE))
-        callbacks = [QuantizationAwareTraining(), ModelCheckpoint(dirpath=root, save_last=True), *([KillAt(2)] if kill else [])]
-        trainer(callbacks, 3, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
-        return lit
-
-    full = fit(tmp_path / "full")
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(tmp_path / "cut", kill=True)
-    resumed = fit(tmp_path / "cut", ckpt=str(tmp_path / "cut" / "last.ckpt"))
+    full, resumed = uninterrupted_and_resumed(lambda: LeNet5(10, SHAPE), lambda: [QuantizationAwareTraining()], tmp_path, 3)
     torch.testing.assert_close(dict(full.model.state_dict()), dict(resumed.model.state_dict()))
 
 
@@ -268,18 +257,10 @@ def test_qat_with_gradual_pruning_gives_a_sparse_int8_model(make_cfg):
 def test_qat_with_pruning_resumes_with_masks_on_the_prepared_graph(tmp_path):
     from callbacks import MagnitudePruning
 
-    def fit(root: Path, ckpt: str | None = None, kill: bool = False):
-        pl.seed_everything(0, verbose=False)
-        lit = module(LeNet5(10, SHAPE))
-        callbacks = [QuantizationAwareTraining(), MagnitudePruning(0.6, schedule="agp", start=0, end=3, every=1),
-                     ModelCheckpoint(dirpath=root, save_last=True), *([KillAt(2)] if kill else [])]  # fmt: skip
-        trainer(callbacks, 4, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
-        return lit
+    def callbacks() -> list:
+        return [QuantizationAwareTraining(), MagnitudePruning(0.6, schedule="agp", start=0, end=3, every=1)]
 
-    full = fit(tmp_path / "full")
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(tmp_path / "cut", kill=True)
-    resumed = fit(tmp_path / "cut", ckpt=str(tmp_path / "cut" / "last.ckpt"))
+    full, resumed = uninterrupted_and_resumed(lambda: LeNet5(10, SHAPE), callbacks, tmp_path, 4)
     state = dict(resumed.model.state_dict())
     assert any(k.endswith("weight_mask") for k in state) and any("activation_post_process" in k for k in state)
     torch.testing.assert_close(dict(full.model.state_dict()), state)

@@ -16,7 +16,7 @@ from callbacks.fx_quant import accuracy
 from callbacks.weight_quant import binarize, power_of_two
 from kd.experiment import run
 from kd.models import LeNet5
-from tests.pruning_helpers import KillAt, digits, module, trainer
+from tests.pruning_helpers import digits, module, trainer, uninterrupted_and_resumed
 
 SHAPE = (1, 8, 8)
 
@@ -108,17 +108,7 @@ def test_fine_tuning_keeps_the_format_and_the_accuracy(trained, scheme, bits, le
 
 
 def test_binary_training_resumes_bit_identically(tmp_path):
-    def fit(root: Path, ckpt: str | None = None, kill: bool = False):
-        pl.seed_everything(0, verbose=False)
-        lit = module(LeNet5(10, SHAPE))
-        callbacks = [WeightQuantization("binary"), ModelCheckpoint(dirpath=root, save_last=True), *([KillAt(2)] if kill else [])]
-        trainer(callbacks, 3, enable_checkpointing=True).fit(lit, datamodule=digits(), ckpt_path=ckpt)
-        return lit
-
-    full = fit(tmp_path / "full")
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(tmp_path / "cut", kill=True)
-    resumed = fit(tmp_path / "cut", ckpt=str(tmp_path / "cut" / "last.ckpt"))
+    full, resumed = uninterrupted_and_resumed(lambda: LeNet5(10, SHAPE), lambda: [WeightQuantization("binary")], tmp_path, 3)
     torch.testing.assert_close(dict(full.model.state_dict()), dict(resumed.model.state_dict()))
 
 
