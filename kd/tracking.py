@@ -36,6 +36,9 @@ from pytorch_lightning.utilities import rank_zero_only
 log = logging.getLogger(__name__)
 
 
+_REPRODUCE_PARAMS = ("reproduce.paper", "reproduce.setting")
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}`` (lists stay whole)."""
     flat: dict[str, Any] = {}
@@ -172,7 +175,10 @@ class Tracker:
         if not self.enabled:
             return
         container = OmegaConf.to_container(cfg, resolve=True)
-        self.log_params(run_id, flatten(container))
+        # a reproduce block's paper facts (rows, claims) describe the paper, not the run: the
+        # run keeps reproduce.paper and reproduce.setting (also tags), config.yaml keeps all
+        params = {k: v for k, v in flatten(container).items() if not k.startswith("reproduce.") or k in _REPRODUCE_PARAMS}
+        self.log_params(run_id, params)
         self.log_text(run_id, OmegaConf.to_yaml(container), "config.yaml")
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:

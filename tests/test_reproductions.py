@@ -2,6 +2,7 @@
 file written from a store holding tagged runs."""
 
 import math
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -82,3 +83,15 @@ def test_an_empty_store_says_not_run(tmp_path):
     out = tmp_path / "R.md"
     assert main(["--uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", str(out)]) == 0
     assert "not run" in out.read_text() and not (tmp_path / "none.db").exists()
+
+
+def test_a_run_is_tagged_with_its_paper_and_row_but_not_the_papers_facts(make_cfg):
+    from kd.experiment import run
+
+    cfg = make_cfg("reproduce.paper=toy", "reproduce.setting=small+fast", "+reproduce.rows={small+fast: {test/acc: 0.5}}")
+    run(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.paths.output_root) / 'mlflow.db'}")
+    (student,) = client.search_runs([client.get_experiment_by_name("kd").experiment_id], "tags.`kd.role` = 'student'")
+    assert student.data.tags["kd.paper"] == "toy" and student.data.tags["kd.setting"] == "small+fast"
+    assert student.data.params["reproduce.setting"] == "small+fast"
+    assert not any(k.startswith("reproduce.rows") for k in student.data.params)  # a '+' there is no valid param key
