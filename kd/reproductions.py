@@ -86,7 +86,7 @@ def _fmt(metric: str, value: float | None, scale: bool = True) -> str:
         return "-"
     if "acc" in metric and scale:
         return f"{value:.2%}"
-    return f"{value:.3g}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def check(claim: dict[str, Any], rows: Any) -> tuple[bool | None, str]:
@@ -128,7 +128,7 @@ def section(paper: dict[str, Any], runs: dict[tuple[str, str], list[dict[str, An
     metrics: dict[str, str] = paper["metrics"]
     lines = [f"## {paper['title']}", "", f"Paper: {paper['source']}. Config: `conf/experiment/{paper['experiment']}.yaml`.", ""]
     lines += ["```bash", *paper["commands"], "```", ""]
-    header = ["setting", "runs (seeds)", "data, epochs"] + [f"{label}: ours | paper" for label in metrics.values()]
+    header = ["setting", "runs (seeds)", "data, epochs"] + [cell for label in metrics.values() for cell in (f"{label}: ours", "paper")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setting, members in rows.items():
         seeds = ",".join(sorted({str(r["seed"]) for r in members})) or "-"
