@@ -113,7 +113,9 @@ def check(claim: dict[str, Any], rows: Any) -> tuple[bool | None, str]:
         high = _stats(rows(claim["setting"]), claim["high_metric"])
         if low is None or high is None:
             return None, f"no runs of '{claim['low']}' or no {claim['high_metric']}"
-        closed = (mine[0] - low[0]) / (high[0] - low[0]) if high[0] != low[0] else math.nan
+        if high[0] <= low[0]:  # nothing to close: the fraction would read backwards
+            return False, f"{claim['high_metric']} ({_fmt(metric, high[0])}) is not above {claim['low']} ({_fmt(metric, low[0])}): no gap to close"
+        closed = (mine[0] - low[0]) / (high[0] - low[0])
         return closed >= claim["min"], (f"{claim['setting']} closes {closed:.0%} of the gap from {claim['low']} "
                                         f"({_fmt(metric, low[0])}) to {claim['high_metric']} ({_fmt(metric, high[0])}) "
                                         f"(needs >= {claim['min']:.0%})")  # fmt: skip

@@ -34,6 +34,10 @@ def test_bounds_gap_and_missing_rows():
     # b closes (0.86 - 0.80) / (0.95 - 0.80) = 40% of the gap from c to its teacher
     holds, why = check({"metric": "test/acc", "setting": "b", "low": "c", "high_metric": "teacher/test_acc", "min": 0.5}, lookup)
     assert holds is False and "closes 40% of the gap" in why
+    # a "teacher" below the low row leaves no gap: the claim fails instead of reading the fraction backwards
+    holds, why = check({"metric": "test/acc", "setting": "c", "low": "a", "high_metric": "teacher/test_acc", "min": 0.5},
+                       lambda name: {"c": _runs(0.8, **{"teacher/test_acc": 0.85}), "a": ROWS["a"]}[name])  # fmt: skip
+    assert holds is False and "no gap to close" in why
     assert check({"metric": "test/acc", "setting": "zzz", "min": 0.5}, lookup)[0] is None
     assert check({"metric": "test/acc", "setting": "a", "vs": "zzz", "min_diff": 0.0}, lookup)[0] is None
 
