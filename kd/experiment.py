@@ -36,8 +36,6 @@ from kd.trainer import evaluate_accuracy, make_trainer, measure_model
 log = logging.getLogger(__name__)
 
 
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow."""
     # 1. Build and check everything that can fail on bad input, before any training.

@@ -66,3 +66,20 @@ def uninterrupted_and_resumed(make_model, make_callbacks, root: Path, epochs: in
     with pytest.raises(RuntimeError, match="killed"):
         fit(root / "cut", kill=True)
     return full, fit(root / "cut", ckpt=str(root / "cut" / "last.ckpt"))
+
+
+_TRAINED: nn.Module | None = None
+
+
+def trained_lenet5() -> nn.Module:
+    """A LeNet-5 trained 4 epochs on digits (seeded), built once per session; tests copy it
+    before changing it."""
+    global _TRAINED
+    if _TRAINED is None:
+        from kd.models import LeNet5
+
+        pl.seed_everything(0, verbose=False)
+        _TRAINED = LeNet5(10, (1, 8, 8))
+        trainer([], max_epochs=4).fit(module(_TRAINED), datamodule=digits())
+        _TRAINED.eval()
+    return _TRAINED

@@ -14,7 +14,7 @@ from callbacks.fx_quant import accuracy, int8_ops, load_quantized
 from kd.experiment import run
 from kd.measure import state_dict_bytes
 from kd.models import LeNet5
-from tests.pruning_helpers import digits, module, trainer, uninterrupted_and_resumed
+from tests.pruning_helpers import digits, module, trained_lenet5, trainer, uninterrupted_and_resumed
 
 SHAPE = (1, 8, 8)
 
@@ -24,10 +24,7 @@ def trained() -> LeNet5:
     from kd.experiment import ignore_known_warnings
 
     ignore_known_warnings()  # a module fixture runs before the per-test autouse filters
-    pl.seed_everything(0, verbose=False)
-    model = LeNet5(10, SHAPE)
-    trainer([], max_epochs=4).fit(module(model), datamodule=digits())
-    return model.eval()
+    return trained_lenet5()
 
 
 def _quantized_types(model: torch.nn.Module) -> set[str]:
