@@ -202,6 +202,15 @@ def test_prune_then_cluster_in_one_run_keeps_the_zeros(make_cfg):
     for name, w in state.items():
         if name.endswith("weight"):  # pruned and clustered: zero is one of the 2**bits codes
             assert 0.0 in w and torch.unique(w).numel() <= 4, name
+    # the logged storage is that of the saved model, recomputed from its weights
+    from kd.deep_compression import storage_report
+    from kd.models import MLP
+
+    saved = MLP(10, SHAPE, hidden=list(cfg.student.model.hidden), dropout=cfg.student.model.dropout)
+    saved.load_state_dict(state)
+    _, totals = storage_report(saved, index_bits_conv=8, index_bits_fc=5)
+    assert metrics["dc/size_bytes_huffman"] == pytest.approx(totals["huffman"])
+    assert metrics["dc/size_bytes_dense"] == 4 * sum(p.numel() for p in saved.parameters())
     with pytest.raises(ValueError, match="must come after the last pruning event"):
         run(make_cfg("distill=none", "prune=magnitude", "prune.start=1", "quantize=cluster", "quantize.start=1"))
 
