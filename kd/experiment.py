@@ -31,7 +31,7 @@ from kd.modules import ClassifierModule, DistillationModule
 from kd.summary import print_summary, summary_metrics
 from kd.teacher import Teacher, fingerprint, obtain_teacher, seeded
 from kd.tracking import Tracker, config_hash, flatten, hydra_context, resolve_uri
-from kd.trainer import evaluate_accuracy, make_trainer, measure_model
+from kd.trainer import compile_choice, evaluate_accuracy, make_trainer, measure_model
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     factorizer: LowRank | None = _optional(cfg, "factorize")
     if factorizer is not None:
         check_factorize(factorizer, student, objective, pruner, quantizer)
+    compiled = compile_choice(cfg, objective, data, pruner, factorizer, quantizer)
     if pruner is not None or quantizer is not None:
         for c in callbacks.values():
             if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
@@ -114,7 +115,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         # 3. The student's module and trainer; same seed whether or not a teacher was trained.
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = _student_module(cfg, objective, student, teacher, data, tracker, run_id)
+        module = _student_module(cfg, objective, student, teacher, data, tracker, run_id, compiled)
         trainer = make_trainer(cfg, list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
         trainer.fit(module, datamodule=data)
         checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
@@ -192,7 +193,7 @@ def _obtain_teacher(
 
     def make_module(model: nn.Module) -> ClassifierModule:
         scheduler = instantiate(tcfg.scheduler) if tcfg.scheduler else None
-        return ClassifierModule(model, data.num_classes, instantiate(tcfg.optimizer), scheduler)
+        return ClassifierModule(model, data.num_classes, instantiate(tcfg.optimizer), scheduler, compile_model=bool(cfg.compile))
 
     def train(module: ClassifierModule) -> tuple[dict[str, float], str | None]:
         arch = context["choices"].get("model@teacher.model", type(module.model).__name__)
@@ -233,7 +234,7 @@ def _with_augment(data: TensorDataModule, augment: bool, call: Any) -> Any:
 
 def _student_module(
     cfg: DictConfig, objective: Any, student: nn.Module, teacher: Teacher | None,
-    data: TensorDataModule, tracker: Tracker, run_id: str,
+    data: TensorDataModule, tracker: Tracker, run_id: str, compiled: bool,
 ) -> ClassifierModule:  # fmt: skip
     scfg = cfg.student
     common = {
@@ -241,6 +242,7 @@ def _student_module(
         "optimizer": instantiate(scfg.optimizer),
         "scheduler": instantiate(scfg.scheduler) if scfg.scheduler else None,
         "objective": objective,
+        "compile_model": compiled,
     }
     if teacher is None:
         return ClassifierModule(student, **common)

@@ -5,6 +5,12 @@ term is summed into a tensor on the device and accuracy accumulates in a torchme
 both are logged once, at the end of the epoch. (Measured on this CPU with Lightning 2.6: every
 key logged per step costs ~0.3 ms of bookkeeping, more than a whole step of a small student;
 see ``benchmarks/overhead.py``.)
+
+With ``compile_model=True`` the training forward of the network (and of an online teacher) runs
+through ``torch.compile``: CUDA graphs on a GPU (``mode="reduce-overhead"``: small students are
+launch-bound, and a graph replays a whole forward or backward as one launch), inductor's
+kernels on the CPU. Evaluation stays eager. A compiler that fails on the first step is
+logged and the run goes on eagerly. See ``benchmarks/speed.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class ClassifierModule(pl.LightningModule):
         scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or None.
         objective: maps logits and labels (and teacher logits) to named loss terms;
             default plain cross-entropy.
+        compile_model: compile the training forward with ``torch.compile`` (see the module
+            docstring); the training batches must then have one shape (``data.drop_last``).
     """
 
     def __init__(
@@ -50,9 +58,14 @@ class ClassifierModule(pl.LightningModule):
         optimizer: OptimizerFactory | None,
         scheduler: SchedulerFactory | None = None,
         objective: CrossEntropy | None = None,
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.compile_model = compile_model
+        # compiled callables, kept out of the module tree so that saved state keeps its keys
+        self._compiled: dict[str, Callable[[Tensor], Tensor]] = {}
+        self._compile_checked: set[str] = set()
         self.objective = objective if objective is not None else CrossEntropy()
         self._make_optimizer = optimizer
         self._make_scheduler = scheduler
@@ -69,13 +82,54 @@ class ClassifierModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.objective.start_epoch(self.current_epoch, self.trainer.max_epochs)
 
+    @property
+    def compile_mode(self) -> str:
+        """CUDA graphs where there is a GPU; inductor's default kernels elsewhere."""
+        return "reduce-overhead" if self.device.type == "cuda" else "default"
+
+    def _compile_targets(self) -> dict[str, nn.Module]:
+        """The networks (attribute name: network) whose training forward is compiled."""
+        return {"model": self.model}
+
+    def on_fit_start(self) -> None:
+        if self.compile_model and not self._compiled:
+            self._compiled = {k: torch.compile(m, mode=self.compile_mode, dynamic=False) for k, m in self._compile_targets().items()}
+            self._compile_checked = set()
+            log.info("compile: %s with torch.compile(mode=%r)", " and ".join(self._compiled), self.compile_mode)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._compiled = {}  # evaluation, pruning and quantization see the plain network
+
+    def run_network(self, name: str, x: Tensor) -> Tensor:
+        """Training forward of ``name`` (see ``_compile_targets``): compiled when compiling,
+        else eager. A compiler that fails on its first call is logged and the run goes on
+        eagerly (the error of a broken model then surfaces from the eager call)."""
+        network = getattr(self, name)
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            return network(x)
+        if name in self._compile_checked:
+            return compiled(x)
+        try:
+            out = compiled(x)
+        except Exception as err:  # noqa: BLE001  (whatever the compiler raised, eager is the fallback)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            log.warning("compile failed (%s: %s); training eagerly", type(err).__name__, first)
+            self._compiled = {}
+            return network(x)
+        self._compile_checked.add(name)
+        return out
+
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits and the objective's named loss terms for one training batch."""
-        logits = self.model(x)
+        logits = self.run_network("model", x)
         return logits, self.objective(logits, y)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y, index = batch
+        if self._compiled and self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # this step's graph outputs may overwrite the last one's
         logits, terms = self.compute_terms(x, y, index)
         n = len(y)
         for name, value in terms.items():
@@ -154,8 +208,9 @@ class DistillationModule(ClassifierModule):
         input_shape: tuple[int, ...],
         scheduler: SchedulerFactory | None = None,
         teacher_inputs: Tensor | None = None,
+        compile_model: bool = False,
     ) -> None:
-        super().__init__(model, num_classes, optimizer, scheduler, objective)
+        super().__init__(model, num_classes, optimizer, scheduler, objective, compile_model)
         if teacher_inputs is not None and objective.needs_teacher_features:
             raise ValueError("teacher logits cannot be cached when the objective needs teacher features")
         self.teacher = teacher.requires_grad_(False).eval()
@@ -182,8 +237,13 @@ class DistillationModule(ClassifierModule):
         self.teacher.eval()  # dropout and batch-norm statistics of the teacher stay frozen
         return self
 
+    def _compile_targets(self) -> dict[str, nn.Module]:
+        online = self._teacher_inputs is None and self.cached_teacher_logits is None
+        return {"model": self.model, **({"teacher": self.teacher} if online else {})}
+
     @torch.no_grad()
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.student_hooks.attach()
         self.teacher_hooks.attach()
         if self._teacher_inputs is None or self.cached_teacher_logits is not None:
@@ -196,15 +256,16 @@ class DistillationModule(ClassifierModule):
         if self.cached_teacher_logits is not None:
             return self.cached_teacher_logits[index]
         with torch.no_grad():
-            return self.teacher(x)
+            return self.run_network("teacher", x)
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with self.student_hooks.capture() as student, self.teacher_hooks.capture() as teacher:
-            logits = self.model(x)
+            logits = self.run_network("model", x)
             teacher_logits = self.teacher_logits(x, index)
         return logits, self.objective(logits, y, teacher_logits, student, teacher)
 
     def teardown(self, stage: str) -> None:
+        super().teardown(stage)
         if stage == "fit":
             self.student_hooks.remove()  # released after training; attached again by a later fit
             self.teacher_hooks.remove()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,6 +15,8 @@ from torch import nn
 from kd.data import TensorDataModule
 from kd.measure import measure
 from kd.modules import ClassifierModule
+
+log = logging.getLogger(__name__)
 
 
 def make_trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int, **overrides: Any) -> pl.Trainer:
@@ -34,3 +37,19 @@ def evaluate_accuracy(cfg: DictConfig, model: nn.Module, data: TensorDataModule)
     module = ClassifierModule(model, data.num_classes, optimizer=None)  # evaluation only
     quiet = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
     return float(make_trainer(cfg, [], False, 1, **quiet).test(module, datamodule=data, verbose=False)[0]["test/acc"])
+
+
+def compile_choice(cfg: DictConfig, objective: Any, data: TensorDataModule, *compression: Any) -> bool:
+    """Whether the student's training forward is compiled (``cfg.compile``), and the data's
+    training batches made one shape for it. Compression callbacks and feature terms keep
+    the run eager: their masks, parametrisations and hooks act on the eager modules."""
+    if not cfg.get("compile", False):
+        return False
+    blockers = [c.describe() for c in compression if c is not None]
+    if len(objective.features):
+        blockers.append("feature terms (forward hooks)")
+    if blockers:
+        log.warning("compile=true ignored for the student: %s; training eagerly", ", ".join(blockers))
+        return False
+    data.drop_last = True  # one batch shape: no recompilation, and CUDA graphs replay every step
+    return True

@@ -1,9 +1,11 @@
-"""Small datasets held whole in memory as tensors, served in batches by one gather each.
+"""Small datasets held whole as tensors on the training device, served in batches by one gather each.
 
 Per-sample PIL transforms and worker processes cost more than the model on the small
-datasets this framework trains on 2 CPU cores, so every split is a ``(N, C, H, W)`` float
-tensor, normalised once. Every sample carries its index in its split, which is what the
-teacher-logit cache looks logits up by.
+datasets this framework trains, so every split is a ``(N, C, H, W)`` float tensor, normalised
+once, and the loaders serve it from the device the trainer trains on (a GPU's memory holds
+CIFAR whole): a batch is one index gather there, with no host-to-device copy and no loader
+process. Random augmentation runs batched on that device too. Every sample carries its index
+in its split, which is what the teacher-logit cache looks logits up by.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class IndexedTensorDataset(Dataset):
         return self.x[i], self.y[i], i
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.x.device)
         return self.x[index], self.y[index], index
 
 
@@ -143,6 +145,9 @@ class TensorDataModule(pl.LightningDataModule):
             logit cache.
         augment_padding: the largest shift of the random crop, in pixels (CIFAR: 4).
         augment_flip: also flip half the images left-right (not for digits and letters).
+        drop_last: drop the last, partial training batch of each epoch (the shuffle differs
+            every epoch, so no sample is left out for good): every step then has the same
+            shapes, which compiled steps with CUDA graphs need (``compile=true`` sets it).
     """
 
     classes: tuple[str, ...] = ()
@@ -159,6 +164,7 @@ class TensorDataModule(pl.LightningDataModule):
         augment: bool = False,
         augment_padding: int = 4,
         augment_flip: bool = True,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if augment_padding < 0:
@@ -177,6 +183,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.limit_train = limit_train
         self.limit_eval = limit_eval
         self.augment, self.augment_padding, self.augment_flip = augment, augment_padding, augment_flip
+        self.drop_last = drop_last
         self.train: Split | None = None
         self.val: Split | None = None
         self.test: Split | None = None
@@ -216,6 +223,7 @@ class TensorDataModule(pl.LightningDataModule):
             "limit_eval": self.limit_eval,
             "augment": self.augment,
             **({"augment_padding": self.augment_padding, "augment_flip": self.augment_flip} if self.augment else {}),
+            **({"drop_last": True} if self.drop_last else {}),
         }
 
     # -- Lightning hooks ----------------------------------------------------------------
@@ -245,7 +253,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.train, self.batch_size, shuffle=True)  # type: ignore[arg-type]
+        return self._loader(self.train, self.batch_size, shuffle=True, drop_last=self.drop_last)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
@@ -262,12 +270,22 @@ class TensorDataModule(pl.LightningDataModule):
         return batch
 
     # -- helpers ------------------------------------------------------------------------
-    def _loader(self, split: Split, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = IndexedTensorDataset(split.x, split.y)
+    def _loader(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        device = self.device
+        dataset = IndexedTensorDataset(split.x.to(device), split.y.to(device))  # a no-op on the CPU
         sampler: Sampler | None = EpochShuffleSampler(dataset) if shuffle else None
         if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = EvalShardSampler(dataset)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_already_batched)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_already_batched, drop_last=drop_last)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the loaders serve from: the attached trainer's device (each rank's own under
+        DDP), the CPU without a trainer. The splits themselves stay on the CPU, where the
+        int8 evaluation and the measurements read them."""
+        if self.trainer is None:
+            return torch.device("cpu")
+        return self.trainer.strategy.root_device
 
     def _require_setup(self) -> None:
         if self.train is None:

@@ -1,0 +1,155 @@
+"""The speed machinery: batches served from the training device, one batch shape for compiled
+steps, ``compile=true`` (compiled where it can be, eager with a log line where not), and
+bf16 mixed precision through the whole run. Tests marked ``gpu`` run with ``-m gpu``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from kd.data import DigitsDataModule
+from kd.experiment import run
+from kd.models import MLP
+from kd.modules import ClassifierModule
+from kd.trainer import compile_choice
+
+SGD = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+
+
+def _digits(drop_last: bool = False) -> DigitsDataModule:
+    data = DigitsDataModule(batch_size=64)
+    data.drop_last = drop_last  # what compile_choice sets; not a config key of its own
+    data.setup("fit")
+    return data
+
+
+def test_loaders_serve_batches_from_the_trainers_device_and_leave_the_splits_alone():
+    data = _digits()
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    x, y, index = next(iter(data.train_dataloader()))
+    assert x.device.type == y.device.type == index.device.type == "meta"
+    assert x.shape == (64, *data.input_shape)
+    assert data.train.x.device.type == "cpu"  # int8 evaluation and measurements read these
+    data.trainer = None
+    x, _, _ = next(iter(data.val_dataloader()))
+    assert x.device.type == "cpu"
+
+
+def test_drop_last_makes_every_training_batch_one_shape():
+    ragged, even = _digits(), _digits(drop_last=True)
+    n = len(even.train.y)
+    assert n % 64 != 0  # otherwise this test shows nothing
+    assert [len(b[1]) for b in ragged.train_dataloader()][-1] == n % 64
+    sizes = [len(b[1]) for b in even.train_dataloader()]
+    assert set(sizes) == {64} and len(sizes) == n // 64
+    assert len(next(iter(even.val_dataloader()))[1]) == len(even.val.y)  # evaluation keeps every sample
+    assert even.fingerprint()["drop_last"] is True and "drop_last" not in ragged.fingerprint()
+
+
+class _Seen(pl.Callback):
+    """Which networks ran compiled during training."""
+
+    def __init__(self) -> None:
+        self.compiled: set[str] = set()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.compiled |= set(module._compile_checked)
+
+
+def _fit(model: torch.nn.Module, compile_model: bool, data: DigitsDataModule, epochs: int = 1) -> tuple[ClassifierModule, _Seen]:
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(model, data.num_classes, SGD, compile_model=compile_model)
+    seen = _Seen()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=epochs, logger=False, callbacks=[seen], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return module, seen
+
+
+def test_compiled_training_runs_compiled_and_matches_eager_training():
+    data = _digits(drop_last=True)
+    torch.manual_seed(0)
+    init = MLP(data.num_classes, data.input_shape, [32])
+    eager, seen_eager = _fit(copy.deepcopy(init), False, data)
+    compiled, seen = _fit(copy.deepcopy(init), True, data)
+    assert seen.compiled == {"model"} and not seen_eager.compiled
+    assert not compiled._compiled  # released after fit: evaluation and saving see the plain network
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefixes
+    moved = max((a - i).abs().max() for a, i in zip(compiled.model.parameters(), init.parameters()))
+    assert moved > 1e-2  # it trained
+    for a, b in zip(compiled.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # same steps, up to kernel rounding
+
+
+def test_a_failing_compiler_falls_back_to_the_same_eager_training(monkeypatch, caplog):
+    def broken(model, **kwargs):
+        def call(x):
+            raise RuntimeError("backend exploded\nmore detail")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    data = _digits()
+    torch.manual_seed(0)
+    init = MLP(data.num_classes, data.input_shape, [32])
+    eager, _ = _fit(copy.deepcopy(init), False, data)
+    with caplog.at_level(logging.WARNING, logger="kd.modules"):
+        fallback, seen = _fit(copy.deepcopy(init), True, data)
+    assert "compile failed (RuntimeError: backend exploded); training eagerly" in caplog.text
+    assert not seen.compiled
+    for a, b in zip(fallback.model.parameters(), eager.model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "compiled", "reason"),
+    [
+        ((), True, None),
+        (("prune=magnitude",), False, "magnitude"),
+        (("quantize=cluster",), False, "cluster"),
+        (("distill=at", "model@student.model=resnet8", "model@teacher.model=resnet14"), False, "feature terms"),
+    ],
+)
+def test_compile_choice_compiles_plain_distillation_and_says_why_it_does_not(make_cfg, caplog, overrides, compiled, reason):
+    cfg = make_cfg("compile=true", *overrides)
+    data = _digits()
+    compression = [instantiate(cfg[g]) if cfg[g] and "_target_" in cfg[g] else None for g in ("prune", "factorize", "quantize")]
+    with caplog.at_level(logging.WARNING, logger="kd.trainer"):
+        assert compile_choice(cfg, instantiate(cfg.distill), data, *compression) is compiled
+    assert data.drop_last is compiled
+    if reason:
+        assert "compile=true ignored" in caplog.text and reason in caplog.text
+    off = make_cfg()
+    assert compile_choice(off, instantiate(off.distill), _digits()) is False
+
+
+def test_run_with_bf16_mixed_precision_trains(make_cfg):
+    metrics = run(make_cfg("trainer.precision=bf16-mixed", "trainer.max_epochs=3"))
+    assert metrics["test/acc"] > 0.8 and metrics["teacher/test_acc"] > 0.8
+
+
+@pytest.mark.gpu
+def test_gpu_loaders_serve_from_the_gpu():
+    data = _digits()
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    x, y, index = next(iter(data.train_dataloader()))
+    assert x.is_cuda and y.is_cuda and index.is_cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("augment", [False, True])
+def test_gpu_run_compiled_with_cuda_graphs_and_bf16(make_cfg, caplog, augment):
+    with caplog.at_level(logging.INFO):
+        metrics = run(make_cfg("trainer=gpu", "compile=true", "trainer.precision=bf16-mixed", "trainer.max_epochs=4",
+                               f"data.augment={augment}", "data.augment_flip=false"))  # fmt: skip
+    assert "mode='reduce-overhead'" in caplog.text and "compile failed" not in caplog.text
+    assert ("teacher logits: online" in caplog.text) is augment
+    assert metrics["test/acc"] > 0.8
