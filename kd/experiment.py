@@ -243,6 +243,7 @@ def _student_module(
         "scheduler": instantiate(scfg.scheduler) if scfg.scheduler else None,
         "objective": objective,
         "compile_model": compiled,
+        "log_steps": bool(cfg.log_steps),
     }
     if teacher is None:
         return ClassifierModule(student, **common)

@@ -49,6 +49,9 @@ class ClassifierModule(pl.LightningModule):
             default plain cross-entropy.
         compile_model: compile the training forward with ``torch.compile`` (see the module
             docstring); the training batches must then have one shape (``data.drop_last``).
+        log_steps: also log ``train/<term>_step``, the mean over the steps since the last such
+            log, every ``trainer.log_every_n_steps`` steps: one device-to-host copy then, none
+            in between. Off: the terms reach the logger once per epoch.
     """
 
     def __init__(
@@ -59,10 +62,14 @@ class ClassifierModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         objective: CrossEntropy | None = None,
         compile_model: bool = False,
+        log_steps: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.compile_model = compile_model
+        self.log_steps = log_steps
+        self._window_sums: dict[str, Tensor] = {}  # the same sums since the last step-level log
+        self._window_count = 0
         # compiled callables, kept out of the module tree so that saved state keeps its keys
         self._compiled: dict[str, Callable[[Tensor], Tensor]] = {}
         self._compile_checked: set[str] = set()
@@ -70,7 +77,11 @@ class ClassifierModule(pl.LightningModule):
         self._make_optimizer = optimizer
         self._make_scheduler = scheduler
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
-        self.train_metrics = metrics.clone(prefix="train/")
+        # the argument checks read values back to the host: none in the training step (the
+        # labels are the data module's own; evaluation keeps the checks)
+        self.train_metrics = MetricCollection(
+            {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)}, prefix="train/"
+        )
         self._term_sums: dict[str, Tensor] = {}  # per-epoch sums of batch_size * term, on the device
         self._term_count = 0
         self.val_metrics = metrics.clone(prefix="val/")
@@ -132,10 +143,14 @@ class ClassifierModule(pl.LightningModule):
             torch.compiler.cudagraph_mark_step_begin()  # this step's graph outputs may overwrite the last one's
         logits, terms = self.compute_terms(x, y, index)
         n = len(y)
-        for name, value in terms.items():
-            total = self._term_sums.get(name)
-            self._term_sums[name] = value.detach() * n if total is None else total + value.detach() * n
+        _accumulate(self._term_sums, terms, n)
         self._term_count += n
+        if self.log_steps:
+            _accumulate(self._window_sums, terms, n)
+            self._window_count += n
+            if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # when Lightning hands logs over
+                self.log_dict({f"train/{k}_step": v / self._window_count for k, v in self._window_sums.items()}, on_step=True, on_epoch=False)
+                self._window_sums, self._window_count = {}, 0
         self.train_metrics.update(logits.detach(), y)
         return terms["loss"]
 
@@ -174,6 +189,13 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._make_scheduler(optimizer), "interval": "epoch"}}
 
 
+def _accumulate(sums: dict[str, Tensor], terms: dict[str, Tensor], n: int) -> None:
+    """``sums[name] += n * term`` on the device, for every term (no host sync)."""
+    for name, value in terms.items():
+        total = sums.get(name)
+        sums[name] = value.detach() * n if total is None else total + value.detach() * n
+
+
 class DistillationModule(ClassifierModule):
     """A student trained against a frozen teacher.
 
@@ -209,8 +231,9 @@ class DistillationModule(ClassifierModule):
         scheduler: SchedulerFactory | None = None,
         teacher_inputs: Tensor | None = None,
         compile_model: bool = False,
+        log_steps: bool = False,
     ) -> None:
-        super().__init__(model, num_classes, optimizer, scheduler, objective, compile_model)
+        super().__init__(model, num_classes, optimizer, scheduler, objective, compile_model, log_steps)
         if teacher_inputs is not None and objective.needs_teacher_features:
             raise ValueError("teacher logits cannot be cached when the objective needs teacher features")
         self.teacher = teacher.requires_grad_(False).eval()

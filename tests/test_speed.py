@@ -12,11 +12,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from pytorch_lightning.loggers import Logger
 
 from kd.data import DigitsDataModule
+from kd.data.base import IndexedTensorDataset
 from kd.experiment import run
 from kd.models import MLP
-from kd.modules import ClassifierModule
+from kd.losses import SoftTargetKD
+from kd.modules import ClassifierModule, DistillationModule
 from kd.trainer import compile_choice
 
 SGD = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
@@ -131,6 +134,50 @@ def test_compile_choice_compiles_plain_distillation_and_says_why_it_does_not(mak
     assert compile_choice(off, instantiate(off.distill), _digits()) is False
 
 
+class _Memory(Logger):
+    """A logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.parametrize("log_steps", [False, True])
+def test_step_logging_is_off_by_default_and_every_n_steps_when_asked(log_steps):
+    data = _digits()  # 1294 samples: 21 steps of 64 an epoch
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(MLP(data.num_classes, data.input_shape, [32]), data.num_classes, SGD, log_steps=log_steps)
+    memory = _Memory()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=2, logger=memory, log_every_n_steps=5, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    steps = [(step, m["train/loss_step"]) for step, m in memory.logged if "train/loss_step" in m]
+    epochs = [m["train/loss"] for _, m in memory.logged if "train/loss" in m]
+    assert len(epochs) == 2  # the per-epoch means are logged either way
+    if not log_steps:
+        assert steps == []
+        return
+    assert [s for s, _ in steps] == [4, 9, 14, 19, 24, 29, 34, 39]  # every 5th of 42 steps
+    assert all(isinstance(v, float) and 0.0 < v < 5.0 for _, v in steps)
+    assert steps[-1][1] < steps[0][1]  # the loss falls within training
+
+
 def test_run_with_bf16_mixed_precision_trains(make_cfg):
     metrics = run(make_cfg("trainer.precision=bf16-mixed", "trainer.max_epochs=3"))
     assert metrics["test/acc"] > 0.8 and metrics["teacher/test_acc"] > 0.8
@@ -153,3 +200,45 @@ def test_gpu_run_compiled_with_cuda_graphs_and_bf16(make_cfg, caplog, augment):
     assert "mode='reduce-overhead'" in caplog.text and "compile failed" not in caplog.text
     assert ("teacher logits: online" in caplog.text) is augment
     assert metrics["test/acc"] > 0.8
+
+
+class _NoSyncInSteps(pl.Callback):
+    """Turns any host-device synchronisation inside a training step of the second epoch on
+    (the first compiles, records CUDA graphs and warms the allocator up) into an error."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.current_epoch > 0:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if torch.cuda.get_sync_debug_mode():
+            torch.cuda.set_sync_debug_mode("default")
+            self.checked += 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cached", "compile_model"), [(True, False), (False, False), (True, True)])
+def test_gpu_training_steps_never_wait_for_the_host(cached, compile_model):
+    data = _digits(drop_last=compile_model)
+    x = data.train.x.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        IndexedTensorDataset(x, data.train.y.cuda()).__getitems__(list(range(64)))  # the loader's gather
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.manual_seed(0)
+    student, teacher = MLP(data.num_classes, data.input_shape, [32]), MLP(data.num_classes, data.input_shape, [64])
+    module = DistillationModule(
+        student, teacher, data.num_classes, SGD, SoftTargetKD(4.0, 0.9), data.input_shape,
+        teacher_inputs=data.train.x if cached else None, compile_model=compile_model,
+    )  # fmt: skip
+    guard = _NoSyncInSteps()
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, max_epochs=3, logger=False, callbacks=[guard], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert guard.checked == 2 * (len(data.train.y) // 64 + (0 if compile_model else 1))

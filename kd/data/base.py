@@ -53,7 +53,11 @@ class IndexedTensorDataset(Dataset):
         return self.x[i], self.y[i], i
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.x.device)
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if self.x.is_cuda:  # from pinned memory, asynchronously: a pageable copy would wait for the GPU
+            index = index.pin_memory().to(self.x.device, non_blocking=True)
+        elif index.device != self.x.device:
+            index = index.to(self.x.device)
         return self.x[index], self.y[index], index
 
 
