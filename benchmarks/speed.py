@@ -182,6 +182,20 @@ def hand(mode: str, compiled: bool, batch: int, n: int, epochs: int, pair: tuple
     return statistics.median(times[1:])
 
 
+def attempt(measure, *args) -> float | None:
+    """``measure(*args)``, or None (and the reason printed) when it fails: one broken cell must
+    not hide the rest of the table."""
+    try:
+        return measure(*args)
+    except Exception as err:  # noqa: BLE001
+        print(f"  ({measure.__name__}{args[:3]} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]})", flush=True)
+        return None
+
+
+def cell(n: int, base: float, seconds: float | None) -> str:
+    return "-" if seconds is None else f"{n / seconds:>8.0f} ({base / seconds:4.2f}x)"
+
+
 def quiet() -> None:
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "mlflow", "kd", "alembic", "torch._dynamo", "torch._inductor"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -214,19 +228,17 @@ def main() -> None:
             n = steps * batch
             for mode in args.modes:
                 base = hand(mode, False, batch, n, epochs, pair, device)
-                fw = framework(mode, False, batch, n, epochs, pair, Path(tmp))
-                cells = [f"{n / base:>10.0f}", f"{n / fw:>8.0f} ({base / fw:4.2f}x)"]
+                fw = attempt(framework, mode, False, batch, n, epochs, pair, Path(tmp))
                 compiled = hand_c = None
                 if not args.no_compile:
-                    compiled = framework(mode, True, batch, n, epochs, pair, Path(tmp))
-                    hand_c = hand(mode, True, batch, n, epochs, pair, device)
-                    cells += [f"{n / compiled:>10.0f} ({base / compiled:4.2f}x)", f"{n / hand_c:>9.0f} ({base / hand_c:4.2f}x)"]
+                    compiled = attempt(framework, mode, True, batch, n, epochs, pair, Path(tmp))
+                    hand_c = attempt(hand, mode, True, batch, n, epochs, pair, device)
+                cells = [f"{n / base:>10.0f}", *(cell(n, base, t) for t in (fw, compiled, hand_c))]
                 target = 1.5 if batch <= 64 else 1.3
-                verdict = "eager " + ("ok" if base / fw >= 0.95 else "MISSED")
-                if compiled is not None and cuda:
-                    verdict += ", compile " + ("ok" if base / compiled >= target else "MISSED")
-                print(f"{batch:>5} {mode:<10} {cells[0]} {cells[1]:>17} {(cells[2] if len(cells) > 2 else '-'):>19} "
-                      f"{(cells[3] if len(cells) > 3 else '-'):>18}  {verdict}", flush=True)  # fmt: skip
+                verdict = "eager " + ("ok" if fw and base / fw >= 0.95 else "MISSED")
+                if not args.no_compile and cuda:
+                    verdict += ", compile " + ("ok" if compiled and base / compiled >= target else "MISSED")
+                print(f"{batch:>5} {mode:<10} {cells[0]} {cells[1]:>17} {cells[2]:>19} {cells[3]:>18}  {verdict}", flush=True)
     print("img/s = training images per second (steps only); (x) = hand loop's time / this time, higher is faster")
 
 

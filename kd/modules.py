@@ -1,16 +1,17 @@
 """Lightning modules: a classifier (baselines and teachers) and a distillation student.
 
 The training step never synchronises with the host and makes no ``self.log`` call: each loss
-term is summed into a tensor on the device and accuracy accumulates in a torchmetrics object;
-both are logged once, at the end of the epoch. (Measured on this CPU with Lightning 2.6: every
-key logged per step costs ~0.3 ms of bookkeeping, more than a whole step of a small student;
-see ``benchmarks/overhead.py``.)
+term and the count of correct predictions are summed into tensors on the device and logged
+once, at the end of the epoch. (Measured with Lightning 2.6: every key logged per step costs
+~0.3 ms of bookkeeping on this CPU, more than a whole step of a small student; a torchmetrics
+``update`` per step cost more than the sums it replaces. See ``benchmarks/overhead.py`` and
+``benchmarks/speed.py``.) Validation and test use torchmetrics.
 
-With ``compile_model=True`` the training forward of the network (and of an online teacher) runs
-through ``torch.compile``: CUDA graphs on a GPU (``mode="reduce-overhead"``: small students are
-launch-bound, and a graph replays a whole forward or backward as one launch), inductor's
-kernels on the CPU. Evaluation stays eager. A compiler that fails on the first step is
-logged and the run goes on eagerly. See ``benchmarks/speed.py``.
+With ``compile_model=True`` the training step's forward (student, teacher lookup or online
+teacher, loss terms and these sums) runs as one ``torch.compile``d function: CUDA graphs on a
+GPU (``mode="reduce-overhead"``: small students are launch-bound, and a graph replays a whole
+forward or backward as one launch), inductor's kernels on the CPU. Evaluation stays eager. A
+compiler that fails on the first step is logged and the run goes on eagerly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,38 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 Batch = tuple[Tensor, Tensor, Tensor]  # inputs, labels, sample indices
+StepOutputs = tuple[Tensor, dict[str, Tensor], Tensor]  # loss, {term: batch size * term}, correct count
+
+
+class _Sums:
+    """Running sums of a training epoch's terms and correct predictions, on the device.
+
+    A plain object, not a module attribute per number: ``nn.Module.__setattr__`` is slow, and
+    this is updated every step."""
+
+    def __init__(self) -> None:
+        self.terms: dict[str, Tensor] = {}
+        self.correct: Tensor | None = None
+        self.count = 0
+
+    def add(self, sums: dict[str, Tensor], correct: Tensor, n: int) -> None:
+        for name, value in sums.items():
+            total = self.terms.get(name)
+            # a copy first: a compiled step's outputs are overwritten by its next CUDA-graph replay
+            self.terms[name] = value.clone() if total is None else total + value
+        self.correct = correct.clone() if self.correct is None else self.correct + correct
+        self.count += n
+
+    def means(self, strategy: Any | None) -> dict[str, float]:
+        """``train/<term>`` and ``train/acc`` over the samples seen: summed over all ranks by
+        ``strategy`` (one all-reduce) when given, then read to the host once."""
+        names = list(self.terms)
+        totals = torch.stack([*(self.terms[k].float() for k in names), self.correct.float()])
+        counts = totals.new_tensor(float(self.count))
+        if strategy is not None:
+            totals, counts = strategy.reduce(torch.cat([totals, counts[None]]), reduce_op="sum").split([len(names) + 1, 1])
+        values = (totals / counts).tolist()
+        return {**{f"train/{k}": v for k, v in zip(names, values)}, "train/acc": values[-1]}
 
 
 class ClassifierModule(pl.LightningModule):
@@ -66,24 +99,17 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        self.compile_model = compile_model
-        self.log_steps = log_steps
-        self._window_sums: dict[str, Tensor] = {}  # the same sums since the last step-level log
-        self._window_count = 0
-        # compiled callables, kept out of the module tree so that saved state keeps its keys
-        self._compiled: dict[str, Callable[[Tensor], Tensor]] = {}
-        self._compile_checked: set[str] = set()
         self.objective = objective if objective is not None else CrossEntropy()
         self._make_optimizer = optimizer
         self._make_scheduler = scheduler
+        self.compile_model = compile_model
+        self.log_steps = log_steps
+        # the compiled step, a function: outside the module tree, so saved state keeps its keys
+        self._compiled_step: Callable[[Tensor, Tensor, Tensor], StepOutputs] | None = None
+        self._compile_checked = False
+        self._epoch = _Sums()  # this epoch's training terms and correct predictions, on the device
+        self._window = _Sums()  # the same since the last step-level log (log_steps)
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
-        # the argument checks read values back to the host: none in the training step (the
-        # labels are the data module's own; evaluation keeps the checks)
-        self.train_metrics = MetricCollection(
-            {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)}, prefix="train/"
-        )
-        self._term_sums: dict[str, Tensor] = {}  # per-epoch sums of batch_size * term, on the device
-        self._term_count = 0
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -98,69 +124,65 @@ class ClassifierModule(pl.LightningModule):
         """CUDA graphs where there is a GPU; inductor's default kernels elsewhere."""
         return "reduce-overhead" if self.device.type == "cuda" else "default"
 
-    def _compile_targets(self) -> dict[str, nn.Module]:
-        """The networks (attribute name: network) whose training forward is compiled."""
-        return {"model": self.model}
-
     def on_fit_start(self) -> None:
-        if self.compile_model and not self._compiled:
-            self._compiled = {k: torch.compile(m, mode=self.compile_mode, dynamic=False) for k, m in self._compile_targets().items()}
-            self._compile_checked = set()
-            log.info("compile: %s with torch.compile(mode=%r)", " and ".join(self._compiled), self.compile_mode)
+        if self.compile_model and self._compiled_step is None:
+            self._compiled_step = torch.compile(self.step_outputs, mode=self.compile_mode, dynamic=False)
+            self._compile_checked = False
+            log.info("compile: the training step's forward with torch.compile(mode=%r)", self.compile_mode)
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
-            self._compiled = {}  # evaluation, pruning and quantization see the plain network
-
-    def run_network(self, name: str, x: Tensor) -> Tensor:
-        """Training forward of ``name`` (see ``_compile_targets``): compiled when compiling,
-        else eager. A compiler that fails on its first call is logged and the run goes on
-        eagerly (the error of a broken model then surfaces from the eager call)."""
-        network = getattr(self, name)
-        compiled = self._compiled.get(name)
-        if compiled is None:
-            return network(x)
-        if name in self._compile_checked:
-            return compiled(x)
-        try:
-            out = compiled(x)
-        except Exception as err:  # noqa: BLE001  (whatever the compiler raised, eager is the fallback)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            log.warning("compile failed (%s: %s); training eagerly", type(err).__name__, first)
-            self._compiled = {}
-            return network(x)
-        self._compile_checked.add(name)
-        return out
+            self._compiled_step = None  # evaluation, pruning and quantization see the plain network
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits and the objective's named loss terms for one training batch."""
-        logits = self.run_network("model", x)
+        logits = self.model(x)
         return logits, self.objective(logits, y)
+
+    def step_outputs(self, x: Tensor, y: Tensor, index: Tensor) -> StepOutputs:
+        """One training batch's forward and its bookkeeping, tensors only: the loss, each term
+        times the batch size, and the count of correct predictions. This is what
+        ``compile_model`` compiles whole (forward, teacher lookup or forward, loss, sums)."""
+        logits, terms = self.compute_terms(x, y, index)
+        n = y.shape[0]
+        return terms["loss"], {k: v.detach() * n for k, v in terms.items()}, (logits.detach().argmax(-1) == y).sum()
+
+    def _step(self, x: Tensor, y: Tensor, index: Tensor) -> StepOutputs:
+        """``step_outputs``, compiled when compiling. A compiler that fails on the first call
+        is logged and the run goes on eagerly (a broken model then fails in the eager call)."""
+        if self._compiled_step is None:
+            return self.step_outputs(x, y, index)
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # this step's graph outputs may overwrite the last one's
+        if self._compile_checked:
+            return self._compiled_step(x, y, index)
+        try:
+            out = self._compiled_step(x, y, index)
+        except Exception as err:  # noqa: BLE001  (whatever the compiler raised, eager is the fallback)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            log.warning("compile failed (%s: %s); training eagerly", type(err).__name__, first)
+            self._compiled_step = None
+            return self.step_outputs(x, y, index)
+        self._compile_checked = True
+        return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y, index = batch
-        if self._compiled and self.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # this step's graph outputs may overwrite the last one's
-        logits, terms = self.compute_terms(x, y, index)
+        loss, sums, correct = self._step(x, y, index)
         n = len(y)
-        _accumulate(self._term_sums, terms, n)
-        self._term_count += n
+        self._epoch.add(sums, correct, n)
         if self.log_steps:
-            _accumulate(self._window_sums, terms, n)
-            self._window_count += n
+            self._window.add(sums, correct, n)
             if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # when Lightning hands logs over
-                self.log_dict({f"train/{k}_step": v / self._window_count for k, v in self._window_sums.items()}, on_step=True, on_epoch=False)
-                self._window_sums, self._window_count = {}, 0
-        self.train_metrics.update(logits.detach(), y)
-        return terms["loss"]
+                means = self._window.means(None)
+                self.log_dict({f"{k}_step": v for k, v in means.items()}, on_step=True, on_epoch=False)
+                self._window = _Sums()
+        return loss
 
     def on_train_epoch_end(self) -> None:
-        if self._term_count:
-            means = {f"train/{k}": v / self._term_count for k, v in self._term_sums.items()}
-            self.log_dict(means, sync_dist=True)  # one all-reduce per epoch under DDP, none per step
-        self.log_dict(self.train_metrics.compute())
-        self.train_metrics.reset()
-        self._term_sums, self._term_count = {}, 0
+        if self._epoch.count:
+            self.log_dict(self._epoch.means(self.trainer.strategy))  # exact over all ranks, one all-reduce
+        self._epoch = _Sums()
 
     def _evaluate(self, batch: Batch, stage: str, metrics: MetricCollection) -> None:
         x, y, _ = batch
@@ -187,13 +209,6 @@ class ClassifierModule(pl.LightningModule):
         if self._make_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._make_scheduler(optimizer), "interval": "epoch"}}
-
-
-def _accumulate(sums: dict[str, Tensor], terms: dict[str, Tensor], n: int) -> None:
-    """``sums[name] += n * term`` on the device, for every term (no host sync)."""
-    for name, value in terms.items():
-        total = sums.get(name)
-        sums[name] = value.detach() * n if total is None else total + value.detach() * n
 
 
 class DistillationModule(ClassifierModule):
@@ -260,10 +275,6 @@ class DistillationModule(ClassifierModule):
         self.teacher.eval()  # dropout and batch-norm statistics of the teacher stay frozen
         return self
 
-    def _compile_targets(self) -> dict[str, nn.Module]:
-        online = self._teacher_inputs is None and self.cached_teacher_logits is None
-        return {"model": self.model, **({"teacher": self.teacher} if online else {})}
-
     @torch.no_grad()
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -279,11 +290,14 @@ class DistillationModule(ClassifierModule):
         if self.cached_teacher_logits is not None:
             return self.cached_teacher_logits[index]
         with torch.no_grad():
-            return self.run_network("teacher", x)
+            return self.teacher(x)
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if not self.objective.features:  # logits only: no hooks (and a graph the compiler takes whole)
+            logits = self.model(x)
+            return logits, self.objective(logits, y, self.teacher_logits(x, index))
         with self.student_hooks.capture() as student, self.teacher_hooks.capture() as teacher:
-            logits = self.run_network("model", x)
+            logits = self.model(x)
             teacher_logits = self.teacher_logits(x, index)
         return logits, self.objective(logits, y, teacher_logits, student, teacher)
 

@@ -11,13 +11,15 @@ in its split, which is what the teacher-logit cache looks logits up by.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class IndexedTensorDataset(Dataset):
 
     ``__getitems__`` lets the DataLoader fetch a whole batch with one tensor gather instead of
     ``batch_size`` Python calls and a collate; it works with any sampler, the
-    ``DistributedSampler`` that Lightning injects under DDP included.
+    ``DistributedSampler`` the data module uses under DDP included.
     """
 
     def __init__(self, x: Tensor, y: Tensor) -> None:
@@ -52,11 +54,9 @@ class IndexedTensorDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
         return self.x[i], self.y[i], i
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        if self.x.is_cuda:  # from pinned memory, asynchronously: a pageable copy would wait for the GPU
-            index = index.pin_memory().to(self.x.device, non_blocking=True)
-        elif index.device != self.x.device:
+    def __getitems__(self, indices: Tensor | list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)  # EpochBatches: already a tensor on x's device
+        if index.device != self.x.device:
             index = index.to(self.x.device)
         return self.x[index], self.y[index], index
 
@@ -64,8 +64,8 @@ class IndexedTensorDataset(Dataset):
 class EpochShuffleSampler(RandomSampler):
     """A shuffle that depends only on the seed and the epoch (Lightning calls ``set_epoch``), so
     a run resumed from a checkpoint sees the same batches as one that was never interrupted.
-    The seed is torch's at construction (``seed_everything`` sets it). Under DDP Lightning
-    replaces it, being a ``RandomSampler``, by its own seeded ``DistributedSampler``."""
+    The seed is torch's at construction (``seed_everything`` sets it). Under DDP the data
+    module uses a seeded ``DistributedSampler`` instead."""
 
     def __init__(self, data_source: Dataset) -> None:
         super().__init__(data_source)
@@ -80,14 +80,35 @@ class EpochShuffleSampler(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
+class EpochBatches(BatchSampler):
+    """Batches of indices cut from one tensor per epoch that lives where the data does.
+
+    The sampler's order for the whole epoch is read once at the epoch's start and copied to
+    ``device`` in one transfer; each batch is then a slice of it, so a training step copies
+    nothing from the host and never waits for the GPU (a per-batch copy of a Python list is a
+    synchronous transfer). Any sampler works, Lightning's ``DistributedSampler`` under DDP
+    included (Lightning rebuilds this class with it).
+    """
+
+    def __init__(self, sampler: Sampler | Iterable[int], batch_size: int, drop_last: bool, device: torch.device | None = None) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.device = device
+
+    def __iter__(self) -> Iterator[Tensor]:
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        if self.device is not None:
+            order = order.to(self.device)  # (N,): once per epoch
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        yield from order[:stop].split(self.batch_size)
+
+
 class EvalShardSampler(DistributedSampler):
     """Evaluation under DDP with every sample counted exactly once.
 
-    torch's ``DistributedSampler`` (which Lightning injects) pads the last shard with repeated
+    torch's ``DistributedSampler`` pads the last shard with repeated
     samples so that all ranks see equal batch counts; that matters for gradient all-reduces but
     skews a test accuracy. Evaluation needs no per-step collectives (torchmetrics sums its
     states once, at epoch end), so rank ``r`` simply takes samples ``r, r + W, r + 2W, ...``.
-    Being a ``DistributedSampler``, Lightning leaves it in place.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
@@ -277,10 +298,16 @@ class TensorDataModule(pl.LightningDataModule):
     def _loader(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         device = self.device
         dataset = IndexedTensorDataset(split.x.to(device), split.y.to(device))  # a no-op on the CPU
-        sampler: Sampler | None = EpochShuffleSampler(dataset) if shuffle else None
-        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = EvalShardSampler(dataset)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_already_batched, drop_last=drop_last)
+        # Under DDP each rank takes its own shard here (kd.trainer.make_trainer turns Lightning's
+        # sampler injection off: it would not see through EpochBatches).
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler: Sampler
+        if shuffle:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, the same on every rank
+            sampler = DistributedSampler(dataset, shuffle=True, seed=seed) if distributed else EpochShuffleSampler(dataset)
+        else:
+            sampler = EvalShardSampler(dataset) if distributed else SequentialSampler(dataset)
+        return DataLoader(dataset, batch_sampler=EpochBatches(sampler, batch_size, drop_last, device), collate_fn=_already_batched)
 
     @property
     def device(self) -> torch.device:

@@ -79,6 +79,8 @@ class CrossEntropy(nn.Module):
         student_features: Features | None = None,
         teacher_features: Features | None = None,
     ) -> dict[str, Tensor]:
+        if not self.features:  # logits only: the path a compiled training step traces (no epoch read, no break)
+            return self.label_terms(student_logits, targets, teacher_logits)
         warmup = self.warmup_epochs()
         if self.epoch < warmup:  # FitNets stage 1: the hint alone trains the student up to the guided layer
             total = student_logits.new_zeros(())
