@@ -17,6 +17,7 @@ compiler that fails on the first step is logged and the run goes on eagerly.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -181,7 +182,14 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self._epoch.count:
-            self.log_dict(self._epoch.means(self.trainer.strategy))  # exact over all ranks, one all-reduce
+            means = self._epoch.means(self.trainer.strategy)  # exact over all ranks, one all-reduce
+            diverged = sorted(k for k, v in means.items() if not math.isfinite(v))
+            if diverged:  # stop here (the run is marked FAILED) rather than finish at chance accuracy
+                raise FloatingPointError(
+                    f"training diverged in epoch {self.current_epoch}: {', '.join(diverged)} not finite; "
+                    "lower the learning rate or set trainer.gradient_clip_val"
+                )
+            self.log_dict(means)
         self._epoch = _Sums()
 
     def _evaluate(self, batch: Batch, stage: str, metrics: MetricCollection) -> None:

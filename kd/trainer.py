@@ -24,7 +24,7 @@ def make_trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int,
     if not overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)):
         # `trainer.enable_progress_bar=false` means no bar, whatever the callbacks group holds
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    # kd's data modules shard their own loaders under DDP (kd.data.base.EpochBatches)
+    # kd's data modules shard their own loaders under DDP (kd.data.batches.EpochBatches)
     overrides.setdefault("use_distributed_sampler", False)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
 

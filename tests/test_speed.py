@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from pytorch_lightning.loggers import Logger
 
 from kd.data import DigitsDataModule
-from kd.data.base import EpochShuffleSampler, IndexedTensorDataset
+from kd.data.batches import EpochShuffleSampler, IndexedTensorDataset
 from kd.experiment import run
 from kd.models import MLP
 from kd.losses import SoftTargetKD
@@ -216,6 +216,17 @@ def test_step_logging_is_off_by_default_and_every_n_steps_when_asked(log_steps):
     assert [s for s, _ in steps] == [4, 9, 14, 19, 24, 29, 34, 39]  # every 5th of 42 steps
     assert all(isinstance(v, float) and 0.0 < v < 5.0 for _, v in steps)
     assert steps[-1][1] < steps[0][1]  # the loss falls within training
+
+
+def test_a_diverging_run_fails_with_the_reason_instead_of_finishing_at_chance(make_cfg):
+    from mlflow.tracking import MlflowClient
+
+    cfg = make_cfg("distill=none", "student.optimizer.lr=1e8", "student.scheduler=null")
+    with pytest.raises(FloatingPointError, match="training diverged in epoch 0: .*train/loss.* not finite"):
+        run(cfg)
+    client = MlflowClient(f"sqlite:///{cfg.paths.output_root}/mlflow.db")
+    (student,) = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
+    assert student.info.status == "FAILED"
 
 
 def test_run_with_bf16_mixed_precision_trains(make_cfg):

@@ -1,6 +1,7 @@
 """Data: in-memory DataModules for the small datasets, offline sources first."""
 
-from kd.data.base import DataNotFoundError, EvalShardSampler, IndexedTensorDataset, Split, TensorDataModule, random_crop_flip
+from kd.data.base import DataNotFoundError, Split, TensorDataModule
+from kd.data.batches import EpochBatches, EpochShuffleSampler, EvalShardSampler, IndexedTensorDataset, random_crop_flip
 from kd.data.idx import read_idx
 from kd.data.sources import (
     CIFAR10DataModule,
@@ -16,6 +17,8 @@ __all__ = [
     "CIFAR100DataModule",
     "DataNotFoundError",
     "DigitsDataModule",
+    "EpochBatches",
+    "EpochShuffleSampler",
     "EvalShardSampler",
     "FashionMNISTDataModule",
     "IndexedTensorDataset",
@@ -24,4 +27,5 @@ __all__ = [
     "TensorDataModule",
     "TorchvisionDataModule",
     "random_crop_flip",
+    "read_idx",
 ]
