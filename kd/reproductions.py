@@ -18,12 +18,18 @@ puts the paper's number beside it; then it checks the claims:
 The verdict is "reproduced" when every claim holds, "partly" when some do, "not reproduced" when
 none do, and "not run" while a row has no runs. The differences are printed with their standard
 error over seeds, so a reader can see a claim that holds by less than the noise.
+
+``--only EXPERIMENT ...`` regenerates just those sections and keeps every other section of the
+existing file as it stands: the local store lives under ``outputs/``, which is never committed, so
+a new machine (or a colleague) that re-runs one paper must not turn the other papers' tables into
+"not run". Each section lists its own runs and wall time; the total sums the sections'.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -162,26 +168,50 @@ def section(paper: dict[str, Any], runs: dict[tuple[str, str], list[dict[str, An
     return "\n".join(lines), seconds
 
 
+WALL = re.compile(r"Wall time of these runs: ([0-9.]+) min\.")
+CONFIG = re.compile(r"Config: `conf/experiment/([^`]+)\.yaml`")
+
+
+def kept_sections(text: str) -> dict[str, tuple[str, float]]:
+    """The sections of an existing REPRODUCTIONS.md by experiment name (their ``Config:`` line),
+    each with its wall seconds as printed."""
+    found = {}
+    for chunk in text.split("\n## ")[1:]:
+        name, wall = CONFIG.search(chunk), WALL.search(chunk)
+        if name:
+            found[name.group(1)] = ("## " + chunk.rstrip("\n") + "\n", float(wall.group(1)) * 60 if wall else 0.0)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd.reproductions", description=__doc__.splitlines()[0])
     parser.add_argument("--uri", default=None, help="tracking URI (default: as a run resolves it)")
     parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default: {EXPERIMENT})")
     parser.add_argument("--out", type=Path, default=Path("REPRODUCTIONS.md"))
     parser.add_argument("--conf", type=Path, default=CONF, help="folder of the experiment configs (default: conf/experiment)")
+    parser.add_argument("--only", nargs="+", metavar="EXPERIMENT", default=None,
+                        help="regenerate only these experiments' sections (config names); keep the others from --out")  # fmt: skip
     args = parser.parse_args(argv)
+    known = [paper["experiment"] for paper in papers(args.conf)]
+    unknown = sorted(set(args.only or []) - set(known))
+    if unknown:
+        parser.error(f"--only: no reproduce block in {', '.join(unknown)} (experiments with one: {', '.join(known)})")
+    kept = kept_sections(args.out.read_text()) if args.only and args.out.exists() else {}
     uri = resolve_uri(args.uri, Path("outputs"))
     present = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
     runs = load_runs(MlflowClient(tracking_uri=uri), args.experiment) if present else {}
-    sections, total = [], 0.0
+    sections, total, reused = [], 0.0, 0
     for paper in papers(args.conf):
-        text, seconds = section(paper, runs)
+        keep = args.only is not None and paper["experiment"] not in args.only and paper["experiment"] in kept
+        text, seconds = kept[paper["experiment"]] if keep else section(paper, runs)
         sections.append(text)
-        total += seconds
+        total, reused = total + seconds, reused + keep
     head = [
         "# Reproductions",
         "",
         "Generated from the MLflow store by `python -m kd.reproductions` (do not edit by hand: change the "
-        "`reproduce` block of the experiment config, re-run, regenerate). Ours: mean ± population std over "
+        "`reproduce` block of the experiment config, re-run, regenerate; `--only EXPERIMENT` regenerates one "
+        "section and keeps the others, so sections may come from different stores). Ours: mean ± population std over "
         "seeds of the test accuracy of the validation-selected epoch. Fashion-MNIST (offline here) is harder "
         "than the papers' MNIST: compare effects (signs and relative sizes), not digits.",
         "",
@@ -189,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     args.out.write_text("\n".join(head + sections))
-    print(f"wrote {args.out}: {len(sections)} papers, {sum(len(v) for v in runs.values())} runs from {uri}")
+    print(f"wrote {args.out}: {len(sections) - reused} of {len(sections)} papers from {sum(len(v) for v in runs.values())} "
+          f"runs in {uri}" + (f", {reused} kept as they were" if reused else ""))  # fmt: skip
     return 0
 
 

@@ -4,6 +4,7 @@ file written from a store holding tagged runs."""
 import math
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from kd.reproductions import check, main, papers
@@ -53,34 +54,71 @@ def test_every_committed_reproduction_config_is_well_formed():
             assert ":" in claim.get("vs", "") or claim.get("vs", claim["setting"]) in paper["rows"], claim
 
 
-def test_the_file_is_written_from_the_store(tmp_path):
+def _toy_conf(tmp_path: Path, *names: str) -> Path:
     conf = tmp_path / "conf"
-    conf.mkdir()
-    (conf / "toy.yaml").write_text(
-        "# @package _global_\nreproduce:\n  paper: toy\n  setting: big\n  title: Toy paper\n  source: Toy 2020\n"
-        "  commands: [python run.py experiment=toy]\n  metrics: {test/acc: test acc}\n"
-        "  rows: {small: {test/acc: 0.5}, big: {test/acc: 0.9}}\n"
-        "  claims: [{text: big beats small, metric: test/acc, setting: big, vs: small, min_diff: 0.0}]\n"
-        "  note: A toy.\n"
-    )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    conf.mkdir(exist_ok=True)
+    for name in names:
+        (conf / f"{name}.yaml").write_text(
+            f"# @package _global_\nreproduce:\n  paper: {name}\n  setting: big\n  title: Paper {name}\n  source: Toy 2020\n"
+            f"  commands: [python run.py experiment={name}]\n  metrics: {{test/acc: test acc}}\n"
+            "  rows: {small: {test/acc: 0.5}, big: {test/acc: 0.9}}\n"
+            "  claims: [{text: big beats small, metric: test/acc, setting: big, vs: small, min_diff: 0.0}]\n"
+            "  note: A toy.\n"
+        )
+    return conf
+
+
+def _store(path: Path, paper: str, rows: dict[str, list[float]], failed: bool = False) -> str:
+    uri = f"sqlite:///{path}"
     client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("reproductions")
-    for setting, accs in (("small", [0.6, 0.62]), ("big", [0.8, 0.84])):
+    found = client.get_experiment_by_name("reproductions")
+    exp = found.experiment_id if found else client.create_experiment("reproductions")
+    for setting, accs in rows.items():
         for seed, acc in enumerate(accs):
-            run = client.create_run(exp, tags={"kd.role": "student", "kd.paper": "toy", "kd.setting": setting})
+            run = client.create_run(exp, tags={"kd.role": "student", "kd.paper": paper, "kd.setting": setting})
             client.log_param(run.info.run_id, "seed", seed)
             client.log_metric(run.info.run_id, "test/acc", acc)
             client.set_terminated(run.info.run_id, "FINISHED")
-    failed = client.create_run(exp, tags={"kd.role": "student", "kd.paper": "toy", "kd.setting": "big"})
-    client.log_metric(failed.info.run_id, "test/acc", 0.0)
-    client.set_terminated(failed.info.run_id, "FAILED")  # never counted
+    if failed:
+        run = client.create_run(exp, tags={"kd.role": "student", "kd.paper": paper, "kd.setting": "big"})
+        client.log_metric(run.info.run_id, "test/acc", 0.0)
+        client.set_terminated(run.info.run_id, "FAILED")  # never counted
+    return uri
+
+
+def test_the_file_is_written_from_the_store(tmp_path):
+    conf = _toy_conf(tmp_path, "toy")
+    uri = _store(tmp_path / "mlflow.db", "toy", {"small": [0.6, 0.62], "big": [0.8, 0.84]}, failed=True)
     out = tmp_path / "REPRODUCTIONS.md"
     assert main(["--uri", uri, "--out", str(out), "--conf", str(conf)]) == 0
     text = out.read_text()
-    assert "## Toy paper" in text and "python run.py experiment=toy" in text
+    assert "## Paper toy" in text and "python run.py experiment=toy" in text
     assert "| big | 2 (0,1) |" in text and "82.00% ± 2.00% | 90.00%" in text and "61.00% ± 1.00% | 50.00%" in text
     assert "big beats small: **holds**" in text and "**Verdict: reproduced.**" in text and "A toy." in text
+
+
+def test_only_regenerates_the_named_section_and_keeps_the_others(tmp_path):
+    conf = _toy_conf(tmp_path, "one", "two")
+    out = tmp_path / "REPRODUCTIONS.md"
+    first = _store(tmp_path / "first.db", "one", {"small": [0.6], "big": [0.8]})
+    _store(tmp_path / "first.db", "two", {"small": [0.7], "big": [0.75]})
+    assert main(["--uri", first, "--out", str(out), "--conf", str(conf)]) == 0
+    before = out.read_text()
+    two = before[before.index("## Paper two"):]
+    assert "75.00% ± 0.00%" in two and "Total wall time" in before
+    # a new machine's store holds only paper one's runs, with other numbers
+    second = _store(tmp_path / "second.db", "one", {"small": [0.65], "big": [0.6]})
+    assert main(["--uri", second, "--out", str(out), "--conf", str(conf), "--only", "one"]) == 0
+    after = out.read_text()
+    assert after.endswith(two) and after.count("## Paper") == 2  # paper two's section kept, byte for byte
+    one = after[after.index("## Paper one"):after.index("## Paper two")]
+    assert "60.00% ± 0.00%" in one and "**does NOT hold**" in one and "80.00%" not in one
+    # without --only the second store has nothing for paper two
+    assert main(["--uri", second, "--out", str(out), "--conf", str(conf)]) == 0
+    assert "no runs of" in out.read_text().split("## Paper two")[1]
+    with pytest.raises(SystemExit) as bad:  # a typo must not silently regenerate nothing
+        main(["--uri", second, "--out", str(out), "--conf", str(conf), "--only", "three"])
+    assert bad.value.code == 2
 
 
 def test_an_empty_store_says_not_run(tmp_path):
