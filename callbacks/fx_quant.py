@@ -50,10 +50,12 @@ def _fx():  # imported lazily: the module emits deprecation warnings at import
     return quantize_fx
 
 
-def qconfig_mapping(observer: str, per_channel: bool, backend: str, qat: bool, bits: int = 8) -> QConfigMapping:
+def qconfig_mapping(observer: str, per_channel: bool, backend: str, qat: bool, bits: int = 8,
+                    activation_bits: int | None = None) -> QConfigMapping:  # fmt: skip
     """The backend's default mapping (fixed-range ops keep their settings) with our global QConfig;
-    ``bits`` < 8 narrows the integer ranges (fake-quant only: simulated low-bit training)."""
-    act_max = 2**bits - 1  # full-range activations on every backend: see the module docstring
+    ``bits`` < 8 narrows the weights' integer range, ``activation_bits`` (default: ``bits``) the
+    activations' (fake-quant only: simulated low-bit training)."""
+    act_max = 2 ** (activation_bits or bits) - 1  # full-range activations on every backend: see the module docstring
     w_min, w_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     per_channel_w = dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=w_min, quant_max=w_max)
     per_tensor_w = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=w_min, quant_max=w_max)
@@ -89,7 +91,9 @@ def quantize_model(model: nn.Module, recipe: dict[str, Any], batches: list[torch
 
 def prepare_for_qat(model: nn.Module, recipe: dict[str, Any], example: torch.Tensor) -> nn.Module:
     torch.backends.quantized.engine = recipe["backend"]
-    mapping = qconfig_mapping("moving_average", recipe["per_channel"], recipe["backend"], qat=True, bits=recipe.get("bits", 8))
+    bits = recipe.get("bits", 8)
+    mapping = qconfig_mapping("moving_average", recipe["per_channel"], recipe["backend"], qat=True, bits=bits,
+                              activation_bits=recipe.get("activation_bits", bits))  # fmt: skip
     return _fx().prepare_qat_fx(model.train(), mapping, example_inputs=(example,))
 
 

@@ -157,6 +157,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         per_channel, backend: as for PTQ.
         freeze_observers_epoch: from this epoch on the ranges stop moving (None: never).
         freeze_bn_epoch: from this epoch on BatchNorm uses its running statistics (None: never).
+        bits: width of the weights, 2..8.
+        activation_bits: width of the activations, 2..8 (None: as ``bits``). ``bits=4,
+            activation_bits=8`` is the whitepaper's 4-bit-weights setting (Krishnamoorthi 2018).
     """
 
     mode = "qat"
@@ -165,27 +168,31 @@ class QuantizationAwareTraining(QuantizationCallback):
     prepares_graph = True
 
     def __init__(self, per_channel: bool = True, backend: str = "x86", freeze_observers_epoch: int | None = None,
-                 freeze_bn_epoch: int | None = None, bits: int = 8) -> None:  # fmt: skip
+                 freeze_bn_epoch: int | None = None, bits: int = 8, activation_bits: int | None = None) -> None:  # fmt: skip
         super().__init__(backend, per_channel)
         for name, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
             if value is not None and value < 0:
                 raise ValueError(f"quantize.{name} must be >= 0 or null, got {value}")
-        if not 2 <= bits <= 8:
-            raise ValueError(f"quantize.bits must lie in [2, 8], got {bits}")
-        self.freeze_observers_epoch, self.freeze_bn_epoch, self.bits = freeze_observers_epoch, freeze_bn_epoch, bits
+        activation_bits = bits if activation_bits is None else activation_bits
+        for name, value in (("bits", bits), ("activation_bits", activation_bits)):
+            if not 2 <= value <= 8:
+                raise ValueError(f"quantize.{name} must lie in [2, 8], got {value}")
+        self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
+        self.bits, self.activation_bits = bits, activation_bits
         self._observing = True
 
     @property
     def converts(self) -> bool:
         """Only 8-bit training converts to int8 kernels: an int8 model of a 4-bit fake-quant
         model would not clamp to 4 bits, so lower widths are evaluated as the fake-quant model."""
-        return self.bits == 8
+        return self.bits == 8 and self.activation_bits == 8
 
     def recipe(self) -> dict[str, Any]:
-        return super().recipe() | {"bits": self.bits}
+        return super().recipe() | {"bits": self.bits, "activation_bits": self.activation_bits}
 
     def describe(self) -> str:
-        return f"int{self.bits} qat" + ("" if self.converts else " (simulated)")
+        width = f"int{self.bits}" if self.bits == self.activation_bits else f"w{self.bits}a{self.activation_bits}"
+        return f"{width} qat" + ("" if self.converts else " (simulated)")
 
     def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
         super().check(objective, pruner, model)

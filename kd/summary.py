@@ -97,7 +97,9 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
             f"truncated, {metrics['test/acc']:.2%} fine-tuned"
         )
     if "quant/bits" in metrics:
-        console.print(f"{int(metrics['quant/bits'])}-bit (simulated): the test accuracy above is the float model holding "
+        acts = int(metrics.get("quant/activation_bits", metrics["quant/bits"]))
+        width = f"{int(metrics['quant/bits'])}-bit" + (f" weights, {acts}-bit activations" if acts != metrics["quant/bits"] else "")
+        console.print(f"{width} (simulated): the test accuracy above is the float model holding "
                       "the quantized values (fake-quant); no integer kernels exist for this recipe, so no integer model was made"
                       + (f"; {metrics['quant/coded_reduction']:.1f}x smaller in its compact encoding" if "quant/coded_reduction" in metrics else ""))  # fmt: skip
     if "quant/test_acc" in metrics:

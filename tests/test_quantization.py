@@ -156,9 +156,28 @@ def test_low_bit_qat_simulates_its_width_and_the_run_says_it_made_no_integer_mod
     with torch.no_grad():
         w = fake_quant(lit.model.conv2.weight) / fake_quant.scale.view(-1, 1, 1, 1)  # integer grid per channel
     assert w.round().min() >= -8 and w.round().max() <= 7 and not cb.converts  # 16 levels: 4 bits
+    assert _activation_ranges(lit.model) == {(0, 15)}  # activations narrowed alike by default
 
-    metrics = run(make_cfg("distill=none", "model@student.model=lenet5", "quantize=qat", "quantize.bits=4"))
-    assert metrics["quant/bits"] == 4 and "quant/test_acc" not in metrics
+    metrics = run(make_cfg("distill=none", "model@student.model=lenet5", "quantize=qat", "quantize.bits=4", "quantize.activation_bits=8"))
+    assert metrics["quant/bits"] == 4 and metrics["quant/activation_bits"] == 8 and "quant/test_acc" not in metrics
+
+
+def _activation_ranges(model: torch.nn.Module) -> set[tuple[int, int]]:
+    return {(m.quant_min, m.quant_max) for name, m in model.named_modules()
+            if isinstance(m, torch.ao.quantization.FakeQuantize) and not name.endswith("weight_fake_quant")}  # fmt: skip
+
+
+def test_weights_and_activations_take_their_own_widths():
+    from callbacks.fx_quant import prepare_for_qat
+
+    cb = QuantizationAwareTraining(bits=4, activation_bits=8)
+    model = prepare_for_qat(LeNet5(10, SHAPE), cb.recipe(), torch.zeros(1, *SHAPE))
+    assert (model.conv1.weight_fake_quant.quant_min, model.conv1.weight_fake_quant.quant_max) == (-8, 7)
+    assert _activation_ranges(model) == {(0, 255)}
+    assert not cb.converts and cb.describe() == "w4a8 qat (simulated)"
+    assert QuantizationAwareTraining(bits=8, activation_bits=8).converts
+    with pytest.raises(ValueError, match="activation_bits"):
+        QuantizationAwareTraining(bits=4, activation_bits=1)
 
 
 def test_kmeans_finds_the_two_clumps():
