@@ -21,14 +21,12 @@ Usage: ``.venv/bin/python benchmarks/feature_step.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
-from functools import partial
 
 import pytorch_lightning as pl
 import torch

@@ -190,6 +190,9 @@ class QuantizationAwareTraining(QuantizationCallback):
     def recipe(self) -> dict[str, Any]:
         return super().recipe() | {"bits": self.bits, "activation_bits": self.activation_bits}
 
+    def extra_metrics(self, model: nn.Module) -> dict[str, float]:
+        return {"quant/activation_bits": float(self.activation_bits)}
+
     def describe(self) -> str:
         width = f"int{self.bits}" if self.bits == self.activation_bits else f"w{self.bits}a{self.activation_bits}"
         return f"{width} qat" + ("" if self.converts else " (simulated)")

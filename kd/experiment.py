@@ -144,8 +144,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
             module.model = quantizer.finalize(module.model, data)
             extras[RECIPE_KEY] = quantizer.recipe()  # saved beside the weights: what they hold
             final["quant/bits"] = float(quantizer.recipe()["bits"])
-            if "activation_bits" in quantizer.recipe():
-                final["quant/activation_bits"] = float(quantizer.recipe()["activation_bits"])
             if (coded := quantizer.coded_bytes(module.model)) is not None:
                 final["quant/size_bytes_coded"] = coded
                 final["quant/bits_per_weight"] = 8 * coded / sum(p.numel() for p in module.model.parameters())

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd.epoch_sums import EpochSums
 from kd.features import FeatureHooks
 from kd.losses import CrossEntropy
 
@@ -37,37 +38,6 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 Batch = tuple[Tensor, Tensor, Tensor]  # inputs, labels, sample indices
 StepOutputs = tuple[Tensor, dict[str, Tensor], Tensor]  # loss, {term: batch size * term}, correct count
-
-
-class _Sums:
-    """Running sums of a training epoch's terms and correct predictions, on the device.
-
-    A plain object, not a module attribute per number: ``nn.Module.__setattr__`` is slow, and
-    this is updated every step."""
-
-    def __init__(self) -> None:
-        self.terms: dict[str, Tensor] = {}
-        self.correct: Tensor | None = None
-        self.count = 0
-
-    def add(self, sums: dict[str, Tensor], correct: Tensor, n: int) -> None:
-        for name, value in sums.items():
-            total = self.terms.get(name)
-            # a copy first: a compiled step's outputs are overwritten by its next CUDA-graph replay
-            self.terms[name] = value.clone() if total is None else total + value
-        self.correct = correct.clone() if self.correct is None else self.correct + correct
-        self.count += n
-
-    def means(self, strategy: Any | None) -> dict[str, float]:
-        """``train/<term>`` and ``train/acc`` over the samples seen: summed over all ranks by
-        ``strategy`` (one all-reduce) when given, then read to the host once."""
-        names = list(self.terms)
-        totals = torch.stack([*(self.terms[k].float() for k in names), self.correct.float()])
-        counts = totals.new_tensor(float(self.count))
-        if strategy is not None:
-            totals, counts = strategy.reduce(torch.cat([totals, counts[None]]), reduce_op="sum").split([len(names) + 1, 1])
-        values = (totals / counts).tolist()
-        return {**{f"train/{k}": v for k, v in zip(names, values)}, "train/acc": values[-1]}
 
 
 class ClassifierModule(pl.LightningModule):
@@ -108,8 +78,8 @@ class ClassifierModule(pl.LightningModule):
         # the compiled step, a function: outside the module tree, so saved state keeps its keys
         self._compiled_step: Callable[[Tensor, Tensor, Tensor], StepOutputs] | None = None
         self._compile_checked = False
-        self._epoch = _Sums()  # this epoch's training terms and correct predictions, on the device
-        self._window = _Sums()  # the same since the last step-level log (log_steps)
+        self._epoch = EpochSums()  # this epoch's training terms and correct predictions, on the device
+        self._window = EpochSums()  # the same since the last step-level log (log_steps)
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -177,7 +147,7 @@ class ClassifierModule(pl.LightningModule):
             if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # when Lightning hands logs over
                 means = self._window.means(None)
                 self.log_dict({f"{k}_step": v for k, v in means.items()}, on_step=True, on_epoch=False)
-                self._window = _Sums()
+                self._window = EpochSums()
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -190,7 +160,7 @@ class ClassifierModule(pl.LightningModule):
                     "lower the learning rate or set trainer.gradient_clip_val"
                 )
             self.log_dict(means)
-        self._epoch = _Sums()
+        self._epoch = EpochSums()
 
     def _evaluate(self, batch: Batch, stage: str, metrics: MetricCollection) -> None:
         x, y, _ = batch

@@ -1,4 +1,4 @@
-"""Reduced versions of two reproductions (slow: run with -m slow; CI does not): the direction of
+"""Reduced versions of three reproductions (slow: run with -m slow; CI does not): the direction of
 each paper's effect must hold with a margin over the noise across seeds."""
 
 import math
@@ -21,7 +21,17 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
                    "REPRODUCTIONS.md, hinton2015_mlp), so its soft targets have little to transfer")
 def test_hinton_soft_targets_beat_hard_labels_reduced(make_cfg):
     """Experiment 1 (hinton2015_mlp) on 10,000 Fashion-MNIST images, 8 epochs, 3 seeds."""
-    reduced = ["experiment=hinton2015_mlp", "data.limit_train=10000", "teacher.max_epochs=8", "trainer.max_epochs=8", *QUIET]
+    _soft_beats_hard(make_cfg, "hinton2015_mlp")
+
+
+@pytest.mark.slow
+def test_hinton_soft_targets_from_a_cnn_teacher_beat_hard_labels_reduced(make_cfg):
+    """The same students with a ResNet-8 teacher (hinton2015_cnn_teacher), reduced alike."""
+    _soft_beats_hard(make_cfg, "hinton2015_cnn_teacher")
+
+
+def _soft_beats_hard(make_cfg, experiment: str) -> None:
+    reduced = [f"experiment={experiment}", "data.limit_train=10000", "teacher.max_epochs=8", "trainer.max_epochs=8", *QUIET]
     acc = {setting: [run(make_cfg(*reduced, *extra, f"seed={seed}", fast=False))["test/acc"] for seed in range(3)]
            for setting, extra in (("hard", ["distill=none", "~distill.temperature", "~distill.alpha"]), ("soft", []))}  # fmt: skip
     (soft, se_soft), (hard, se_hard) = _mean_se(acc["soft"]), _mean_se(acc["hard"])
