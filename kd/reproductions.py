@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.only or []) - set(known))
     if unknown:
         parser.error(f"--only: no reproduce block in {', '.join(unknown)} (experiments with one: {', '.join(known)})")
-    kept = kept_sections(args.out.read_text()) if args.only and args.out.exists() else {}
+    if args.only and not args.out.exists():
+        parser.error(f"--only keeps the other sections of {args.out}, which does not exist (run without --only)")
+    kept = kept_sections(args.out.read_text()) if args.only else {}
     uri = resolve_uri(args.uri, Path("outputs"))
     present = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
     runs = load_runs(MlflowClient(tracking_uri=uri), args.experiment) if present else {}

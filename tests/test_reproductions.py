@@ -119,6 +119,9 @@ def test_only_regenerates_the_named_section_and_keeps_the_others(tmp_path):
     with pytest.raises(SystemExit) as bad:  # a typo must not silently regenerate nothing
         main(["--uri", second, "--out", str(out), "--conf", str(conf), "--only", "three"])
     assert bad.value.code == 2
+    with pytest.raises(SystemExit):  # nothing to keep: the others would all read "not run"
+        main(["--uri", second, "--out", str(tmp_path / "missing.md"), "--conf", str(conf), "--only", "one"])
+    assert not (tmp_path / "missing.md").exists()
 
 
 def test_an_empty_store_says_not_run(tmp_path):
