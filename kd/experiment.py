@@ -26,7 +26,7 @@ from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported:
 from kd.data import TensorDataModule
 from kd.compress import check_factorize, factorize, quantized_metrics
 from kd.factorize import LowRank
-from kd.omitted import bias_correction, drop_classes
+from kd.omitted import bias_correction, drop_classes, omitted_classes
 from kd.modules import ClassifierModule, DistillationModule
 from kd.summary import print_summary, summary_metrics
 from kd.teacher import Teacher, fingerprint, obtain_teacher, seeded
@@ -50,9 +50,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     student = seeded(cfg.seed, build_student)()
     if cfg.student.init_checkpoint:
         load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
-    omit = [int(c) for c in cfg.student.get("omit_classes") or []]
-    if omit and (not set(omit) <= set(range(data.num_classes)) or len(set(omit)) >= data.num_classes):
-        raise ValueError(f"student.omit_classes must be some of the classes 0..{data.num_classes - 1}, got {omit}")
+    omit = omitted_classes(cfg.student.get("omit_classes"), data.num_classes)
     if build_teacher is not None:
         build_teacher()  # architecture errors surface now, not after a teacher was trained
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
@@ -199,7 +197,7 @@ def _obtain_teacher(
         arch = context["choices"].get("model@teacher.model", type(module.model).__name__)
         tags = {"kd.role": "teacher", "kd.fingerprint": recipe_fp, **context["tags"]}
         with tracker.open_run(f"teacher {arch}", tags) as run_id:
-            tracker.log_params(run_id, {"teacher.fingerprint": recipe_fp} | _flat_recipe(recipe))
+            tracker.log_params(run_id, {"teacher.fingerprint": recipe_fp} | {f"teacher.{k}": v for k, v in flatten(recipe).items()})
             progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None)
                         if not isinstance(c, ModelCheckpoint)]  # fmt: skip
             trainer = make_trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
@@ -272,10 +270,6 @@ def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any], *compres
         return f"{student} {what} seed={cfg.seed}"
     teacher = choices.get("model@teacher.model", "teacher")
     return f"{student}<-{teacher} {what} seed={cfg.seed}"
-
-
-def _flat_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    return {f"teacher.{k}": v for k, v in flatten(recipe).items()}
 
 
 def _optional(cfg: DictConfig, group: str) -> Any:

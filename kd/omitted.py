@@ -21,6 +21,14 @@ from kd.data import Split, TensorDataModule
 SHIFTS = torch.arange(0.0, 10.01, 0.25)  # candidate bias increments
 
 
+def omitted_classes(classes: Sequence[int] | None, num_classes: int) -> list[int]:
+    """``student.omit_classes`` checked against the data: some of its classes, never all."""
+    omit = [int(c) for c in classes or []]
+    if omit and (not set(omit) <= set(range(num_classes)) or len(set(omit)) >= num_classes):
+        raise ValueError(f"student.omit_classes must be some of the classes 0..{num_classes - 1}, got {omit}")
+    return omit
+
+
 def drop_classes(split: Split, classes: Sequence[int]) -> Split:
     """``split`` without the samples of ``classes``."""
     keep = ~torch.isin(split.y, torch.as_tensor(list(classes)))

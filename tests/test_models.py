@@ -14,10 +14,11 @@ from kd.models import MLP, CIFARResNet, LeNet5, MobileNetLite, WideResNet
 MODEL_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODEL_CONFS = sorted(MODEL_CONF_DIR.glob("*.yaml"))
 EXPECTED_CONFS = {
-    "mlp", "mlp_small", "lenet300_100", "lenet5", "mobilenet",
+    "mlp", "mlp_small", "lenet300_100", "lenet5", "lenet5_caffe", "mobilenet",
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10",
 }  # fmt: skip
+NOT_8X8 = {"lenet5_caffe"}  # unpadded 5x5 convolutions: 8 -> 4 -> 2 -> (-2)
 
 
 def build(name: str, num_classes: int, input_shape: tuple[int, int, int], **overrides) -> nn.Module:
@@ -52,6 +53,10 @@ def test_config_layout(path: Path) -> None:
 @torch.no_grad()
 def test_forward_shape(path: Path, input_shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
+    if path.stem in NOT_8X8 and input_shape[1] == 8:
+        with pytest.raises(ValueError, match="larger inputs"):
+            build(path.stem, num_classes=7, input_shape=input_shape)
+        return
     model = build(path.stem, num_classes=7, input_shape=input_shape).eval()
     out = model(torch.randn(2, *input_shape))
     assert out.shape == (2, 7)
@@ -73,10 +78,12 @@ def test_forward_shape(path: Path, input_shape: tuple[int, int, int]) -> None:
         ("wrn_28_10", 100, 36.5e6, 36_536_884),
         # LeCun et al. 1998 / Han et al. 2015: 784*300 + 300 + 300*100 + 100 + 100*10 + 10.
         ("lenet300_100", 10, 266_610, 266_610),
+        # Han et al. 2015 Table 2 (Caffe's LeNet-5): 431K; 520 + 25,050 + 400,500 + 5,010.
+        ("lenet5_caffe", 10, 431e3, 431_080),
     ],
 )
 def test_param_counts(name: str, num_classes: int, published: float, exact: int) -> None:
-    shape = (1, 28, 28) if name == "lenet300_100" else (3, 32, 32)
+    shape = (1, 28, 28) if name.startswith("lenet") else (3, 32, 32)
     count = n_params(build(name, num_classes=num_classes, input_shape=shape))
     assert abs(count - published) / published < 0.02
     assert count == exact
@@ -112,6 +119,11 @@ def test_feature_shapes_resnet_and_wrn() -> None:
 
 def test_lenet5_mnist_and_mlp_variants() -> None:
     assert build("lenet5", 10, (1, 28, 28))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    caffe = build("lenet5_caffe", 10, (1, 28, 28))
+    assert [n for n, _ in caffe.named_children()] == ["conv1", "conv2", "fc1", "fc2"]
+    assert caffe.fc1.in_features == 50 * 4 * 4  # 28 -> 24 -> 12 -> 8 -> 4
+    flat = LeNet5(num_classes=3, input_shape=(1, 28, 28), hidden=[])  # logistic regression on conv features
+    assert [n for n, _ in flat.named_children()] == ["conv1", "conv2", "fc1"] and flat.fc1.out_features == 3
     # Empty hidden list is allowed: multinomial logistic regression.
     logreg = MLP(num_classes=10, input_shape=(1, 8, 8), hidden=[])
     assert n_params(logreg) == 64 * 10 + 10
@@ -150,6 +162,9 @@ def test_dropout_is_active_only_in_training() -> None:
         ("mobilenet", {"blocks": []}, r"blocks"),
         ("mobilenet", {"blocks": [[32, 3]]}, r"stride"),
         ("mobilenet", {"width_mult": 0.0}, r"width_mult"),
+        ("lenet5", {"channels": [6]}, r"channels must have 2"),
+        ("lenet5", {"hidden": [120, 0]}, r"hidden"),
+        ("lenet5", {"padding": 3}, r"padding"),
     ],
 )
 def test_bad_args_raise_value_error(name: str, overrides: dict, match: str) -> None:

@@ -214,7 +214,7 @@ def test_prune_then_cluster_in_one_run_keeps_the_zeros(make_cfg):
     assert metrics["model/sparsity_all"] > 0.7 and metrics["quant/bits"] == 2
     assert metrics["quant/size_bytes_coded"] < 0.2 * metrics["dense/size_bytes"]
     # Deep Compression's stages each shrink the model further, and are tabled per layer
-    assert 1 < metrics["dc/ratio_pruned"] < metrics["dc/ratio_quantized"] < metrics["dc/ratio_huffman"]
+    assert metrics["dc/ratio_huffman"] > metrics["dc/ratio_quantized"] > metrics["dc/ratio_pruned"] > 1
     table = (Path(cfg.paths.run_dir) / "deep_compression.csv").read_text().splitlines()
     assert table[0].startswith("layer,params,nonzero") and table[-1].startswith("total")
     state = torch.load(Path(cfg.paths.run_dir) / "student.pt", weights_only=True)["state_dict"]
