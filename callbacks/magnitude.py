@@ -107,7 +107,8 @@ class MagnitudePruning(PruningCallback):
 
     def describe(self) -> str:
         kind = "magnitude" if self.schedule.kind == "oneshot" else self.schedule.kind
-        return f"prune {kind}{'-global' if self.scope == 'global' else ''} s={self.sparsity:g}"
+        per_layer = self.amounts or self.max_drop is not None  # prune.sparsity is then not the whole story
+        return f"prune {kind}{'-global' if self.scope == 'global' else ''} s={'per-layer' if per_layer else f'{self.sparsity:g}'}"
 
     def final_sparsity(self, layer: str) -> float:
         if self._picked is not None:

@@ -223,6 +223,11 @@ def test_bad_pruning_config_fails_before_anything_is_written(make_cfg, override,
     assert not Path(cfg.paths.output_root).exists()
 
 
+def test_run_name_says_per_layer_when_amounts_override_the_sparsity():
+    assert MagnitudePruning(0.5, schedule="iterative", start=1, end=3).describe() == "prune iterative s=0.5"
+    assert MagnitudePruning(0.5, schedule="iterative", start=1, end=3, amounts={"fc1": 0.9}).describe() == "prune iterative s=per-layer"
+
+
 def test_one_run_distils_and_prunes(make_cfg):
     cfg = make_cfg("prune=agp", "prune.sparsity=0.7", "prune.start=0", "prune.end=1", "trainer.max_epochs=3")
     metrics = run(cfg)
