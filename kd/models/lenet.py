@@ -14,15 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def _positive_ints(name: str, values: Sequence[int], length: int | None = None) -> list[int]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a list of positive ints, got {values!r}")
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{name} must be a list of positive ints, got {list(values)}")
-    if length is not None and len(values) != length:
-        raise ValueError(f"{name} must have {length} entries, got {list(values)}")
-    return [int(v) for v in values]
+from kd.models.arguments import check_classifier, positive_ints
 
 
 class LeNet5(nn.Module):
@@ -61,12 +53,9 @@ class LeNet5(nn.Module):
         padding: int = 2,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) with positive entries, got {input_shape}")
-        maps = _positive_ints("channels", channels, length=2)
-        widths = _positive_ints("hidden", hidden)
+        check_classifier(num_classes, input_shape)
+        maps = positive_ints("channels", channels, length=2)
+        widths = positive_ints("hidden", hidden)
         if isinstance(padding, bool) or padding not in (0, 1, 2):
             raise ValueError(f"padding must be 0, 1 or 2, got {padding!r}")
         in_channels, height, width = (int(s) for s in input_shape)

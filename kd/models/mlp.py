@@ -13,6 +13,8 @@ from math import prod
 import torch
 from torch import nn
 
+from kd.models.arguments import check_classifier, positive_ints
+
 
 class MLP(nn.Module):
     """Fully connected ReLU network on the flattened input.
@@ -43,19 +45,13 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) with positive entries, got {input_shape}")
-        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-            raise ValueError(f"hidden must be a list of positive ints, got {hidden!r}")
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"hidden must be a list of positive ints, got {list(hidden)}")
+        check_classifier(num_classes, input_shape)
+        widths = positive_ints("hidden", hidden)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.hidden = [int(h) for h in hidden]
+        self.hidden = widths
         in_features = prod(self.input_shape)
         layers: list[nn.Module] = []
         for width in self.hidden:

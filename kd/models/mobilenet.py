@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kd.models.arguments import check_classifier
+
 
 class DepthwiseSeparable(nn.Module):
     """Depthwise 3x3 conv-BN-ReLU followed by pointwise 1x1 conv-BN-ReLU.
@@ -68,10 +70,7 @@ class MobileNetLite(nn.Module):
         stem: int = 32,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) with positive entries, got {input_shape}")
+        check_classifier(num_classes, input_shape)
         if width_mult <= 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         if stem < 1:

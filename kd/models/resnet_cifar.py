@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kd.models.arguments import check_classifier
+
 
 class BasicBlock(nn.Module):
     """Post-activation residual block: conv3x3-BN-ReLU-conv3x3-BN, add, ReLU.
@@ -78,10 +80,7 @@ class CIFARResNet(nn.Module):
         stem: int | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) with positive entries, got {input_shape}")
+        check_classifier(num_classes, input_shape)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(
                 "depth must satisfy (depth - 2) % 6 == 0 and depth >= 8 "

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kd.models.arguments import check_classifier
+
 
 class PreActBlock(nn.Module):
     """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3, add.
@@ -76,10 +78,7 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) with positive entries, got {input_shape}")
+        check_classifier(num_classes, input_shape)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(
                 "depth must satisfy (depth - 4) % 6 == 0 and depth >= 10 "
