@@ -97,6 +97,22 @@ def test_the_file_is_written_from_the_store(tmp_path):
     assert "big beats small: **holds**" in text and "**Verdict: reproduced.**" in text and "A toy." in text
 
 
+def test_a_verdict_judges_the_claims_that_were_run_and_says_how_many(tmp_path):
+    conf = _toy_conf(tmp_path, "toy")
+    text = (conf / "toy.yaml").read_text().replace(
+        "  claims: [", "  claims: [{text: big beats huge, metric: test/acc, setting: big, vs: huge, min_diff: 0.0}, ")
+    (conf / "toy.yaml").write_text(text.replace("big: {test/acc: 0.9}}", "big: {test/acc: 0.9}, huge: {}}"))
+    out = tmp_path / "R.md"
+    for rows, verdict in (({"small": [0.6], "big": [0.8]}, "reproduced on the 1 of 2 claims whose rows were run"),
+                          ({"small": [0.9], "big": [0.8]}, "not reproduced on the 1 of 2 claims whose rows were run"),
+                          ({}, "not run (no claim has the runs it needs yet)")):  # fmt: skip
+        db = tmp_path / f"{len(rows)}-{rows.get('small')}.db"
+        uri = _store(db, "toy", rows) if rows else f"sqlite:///{db}"
+        assert main(["--uri", uri, "--out", str(out), "--conf", str(conf)]) == 0
+        text = out.read_text()
+        assert f"**Verdict: {verdict}.**" in text and "big beats huge: **not run**; no runs of '" in text
+
+
 def test_only_regenerates_the_named_section_and_keeps_the_others(tmp_path):
     conf = _toy_conf(tmp_path, "one", "two")
     out = tmp_path / "REPRODUCTIONS.md"
