@@ -26,12 +26,16 @@ def test_hinton_soft_targets_beat_hard_labels_reduced(make_cfg):
 
 @pytest.mark.slow
 def test_hinton_soft_targets_from_a_cnn_teacher_beat_hard_labels_reduced(make_cfg):
-    """The same students with a ResNet-8 teacher (hinton2015_cnn_teacher), reduced alike."""
-    _soft_beats_hard(make_cfg, "hinton2015_cnn_teacher")
+    """The same students with a ResNet-8 teacher (hinton2015_cnn_teacher) on the same 10,000
+    images, teacher and students 20 epochs. Measured: at 8 and 8 epochs the teacher (87.5%) was
+    one point above the hard-label student and soft targets cost 1.1 points (85.5% vs 86.6%);
+    at 20 and 20 the teacher reaches 88.5% and soft targets win, 87.0% vs 86.7%."""
+    _soft_beats_hard(make_cfg, "hinton2015_cnn_teacher", epochs=20)
 
 
-def _soft_beats_hard(make_cfg, experiment: str) -> None:
-    reduced = [f"experiment={experiment}", "data.limit_train=10000", "teacher.max_epochs=8", "trainer.max_epochs=8", *QUIET]
+def _soft_beats_hard(make_cfg, experiment: str, epochs: int = 8) -> None:
+    reduced = [f"experiment={experiment}", "data.limit_train=10000", f"teacher.max_epochs={epochs}",
+               f"trainer.max_epochs={epochs}", *QUIET]  # fmt: skip
     acc = {setting: [run(make_cfg(*reduced, *extra, f"seed={seed}", fast=False))["test/acc"] for seed in range(3)]
            for setting, extra in (("hard", ["distill=none", "~distill.temperature", "~distill.alpha"]), ("soft", []))}  # fmt: skip
     (soft, se_soft), (hard, se_hard) = _mean_se(acc["soft"]), _mean_se(acc["hard"])
