@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from torch.ao.quantization import observer as obs
 
 from callbacks.observers import EntropyObserver, PercentileObserver
 
-BACKENDS = ("x86", "fbgemm", "qnnpack")
+BACKENDS = ("auto", "x86", "fbgemm", "qnnpack")
 OBSERVERS = {
     "minmax": obs.MinMaxObserver,
     "moving_average": obs.MovingAverageMinMaxObserver,
@@ -42,6 +43,25 @@ def int8_ops() -> Iterator[None]:
     finally:
         if strict:
             torch.use_deterministic_algorithms(True)
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (``avx512_vnni``, ``avx_vnni`` or AMX), whose int8 dot products
+    accumulate in 32 bits. Without it fbgemm's u8 x s8 pairs add up in 16 bits and saturate on
+    full-range activations: measured on an AVX2-only AMD EPYC, a QAT LeNet-5's int8 model agreed
+    with its fake-quant model on 94.4% of predictions at 8-bit activations (98.3% with torch's
+    7-bit ``reduce_range``), and on 100% with qnnpack. Unknown (not Linux): no."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto``: x86 (fbgemm/oneDNN) on a CPU with VNNI, else qnnpack, whose kernels do not saturate."""
+    return ("x86" if has_vnni() else "qnnpack") if backend == "auto" else backend
 
 
 def _fx():  # imported lazily: the module emits deprecation warnings at import

@@ -289,3 +289,13 @@ def test_qat_with_pruning_resumes_with_masks_on_the_prepared_graph(tmp_path):
     state = dict(resumed.model.state_dict())
     assert any(k.endswith("weight_mask") for k in state) and any("activation_post_process" in k for k in state)
     torch.testing.assert_close(dict(full.model.state_dict()), state)
+
+
+def test_auto_backend_is_x86_only_where_its_int8_kernels_do_not_saturate(monkeypatch):
+    from callbacks import fx_quant
+
+    monkeypatch.setattr(fx_quant, "has_vnni", lambda: False)  # e.g. an AVX2-only CPU: 94.4% agreement on x86
+    assert fx_quant.resolve_backend("auto") == "qnnpack" and fx_quant.resolve_backend("x86") == "x86"
+    assert QuantizationAwareTraining().recipe()["backend"] == "qnnpack"
+    monkeypatch.setattr(fx_quant, "has_vnni", lambda: True)
+    assert fx_quant.resolve_backend("auto") == "x86"
