@@ -51,8 +51,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.student.init_checkpoint:
         load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
     omit = omitted_classes(cfg.student.get("omit_classes"), data.num_classes)
-    if build_teacher is not None:
-        build_teacher()  # architecture errors surface now, not after a teacher was trained
+    if build_teacher is not None:  # architecture, layer names and feature shapes checked now, not after a teacher trained
+        train_size = len(drop_classes(data.train, omit).y) if omit else len(data.train.y)
+        prepare = partial(objective.prepare, student, build_teacher(), data.input_shape, data.num_classes, train_size)
+        seeded(cfg.seed, prepare)()  # the terms' own parameters (regressors, heads) from the run's seed
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
     pruner: PruningCallback | None = _optional(cfg, "prune")
     if pruner is not None:
@@ -249,6 +251,8 @@ def _student_module(
         cache, why = False, "distill_cache=false"
     elif objective.needs_teacher_features:
         cache, why = False, "the objective needs teacher features every step"
+    elif not objective.needs_teacher_logits:
+        cache, why = False, "the objective reads no teacher logits"
     elif not data.deterministic_inputs:
         cache, why = False, "random augmentation changes the inputs every epoch"
     else:
@@ -258,7 +262,8 @@ def _student_module(
         log.info("teacher logits: %s (%s)", mode, why)
     tracker.set_tags(run_id, {"kd.teacher_logits": mode})
     return DistillationModule(
-        student, teacher.model, input_shape=data.input_shape, teacher_inputs=data.train.x if cache else None, **common
+        student, teacher.model, input_shape=data.input_shape, teacher_inputs=data.train.x if cache else None,
+        num_samples=len(data.train.y), **common,
     )
 
 

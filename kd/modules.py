@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd.epoch_sums import EpochSums
 from kd.features import FeatureHooks
-from kd.losses import CrossEntropy
+from kd.losses import CrossEntropy, Objective
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ClassifierModule(pl.LightningModule):
         num_classes: int,
         optimizer: OptimizerFactory | None,
         scheduler: SchedulerFactory | None = None,
-        objective: CrossEntropy | None = None,
+        objective: Objective | None = None,
         compile_model: bool = False,
         log_steps: bool = False,
     ) -> None:
@@ -198,18 +198,22 @@ class DistillationModule(ClassifierModule):
     only the teacher's logits), the teacher runs once over them at fit start on the training
     device and each step looks its logits up by sample index; otherwise it runs online.
 
-    Feature terms name layers of both models; forward hooks capture them during training steps
-    only (see ``kd.features``). A dry forward at construction gives the terms the feature
-    shapes, so a wrong layer choice fails before training and FitNets regressors exist before
-    the optimiser is built.
+    Feature terms name layers of both models (or take their declared feature stages); forward
+    hooks capture them during training steps only (see ``kd.features``). The objective is
+    prepared (``Objective.prepare``: layers resolved, one dummy batch, terms bound to the
+    shapes) before this module exists in a run, so a wrong layer fails before the teacher
+    trains; a module built directly prepares it here. Terms that own parameters (FitNets
+    regressors, CRD's heads and memory banks) are part of this module: in the optimiser and
+    the Lightning checkpoint, never in the saved student.
 
     Args:
         model: the student.
         teacher: a trained network with the same number of outputs.
-        objective: an objective that needs a teacher (``SoftTargetKD``, or one with feature terms).
+        objective: an objective that needs a teacher (``SoftTargetKD``, DKD, CRD, feature terms).
         input_shape: ``(C, H, W)`` of one sample, for the dry forward of feature shapes.
         teacher_inputs: the whole training split, in sample-index order, to cache the
             teacher's logits from; None to run the teacher online.
+        num_samples: training-set size, for terms sized by it (CRD); defaults to the cache's.
         Others: see ``ClassifierModule``.
     """
 
@@ -219,12 +223,13 @@ class DistillationModule(ClassifierModule):
         teacher: nn.Module,
         num_classes: int,
         optimizer: OptimizerFactory,
-        objective: CrossEntropy,
+        objective: Objective,
         input_shape: tuple[int, ...],
         scheduler: SchedulerFactory | None = None,
         teacher_inputs: Tensor | None = None,
         compile_model: bool = False,
         log_steps: bool = False,
+        num_samples: int | None = None,
     ) -> None:
         super().__init__(model, num_classes, optimizer, scheduler, objective, compile_model, log_steps)
         if teacher_inputs is not None and objective.needs_teacher_features:
@@ -232,21 +237,10 @@ class DistillationModule(ClassifierModule):
         self.teacher = teacher.requires_grad_(False).eval()
         self._teacher_inputs = teacher_inputs
         self.register_buffer("cached_teacher_logits", None, persistent=False)
+        samples = num_samples if num_samples is not None else (len(teacher_inputs) if teacher_inputs is not None else 0)
+        objective.prepare(model, teacher, input_shape, num_classes, samples)
         self.student_hooks = FeatureHooks(model, objective.layers("student"), "student")
         self.teacher_hooks = FeatureHooks(teacher, objective.layers("teacher"), "teacher")
-        if objective.needs_teacher_features:
-            objective.bind(*self._feature_shapes(input_shape))
-
-    @torch.no_grad()
-    def _feature_shapes(self, input_shape: tuple[int, ...]) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
-        was_training = self.model.training
-        self.model.eval()  # no batch-norm statistics updated by the probe
-        probe = torch.zeros(2, *input_shape, device=next(self.model.parameters()).device)
-        with self.student_hooks.capture() as student, self.teacher_hooks.capture() as teacher:
-            self.model(probe)
-            self.teacher(probe.to(next(self.teacher.parameters()).device))
-        self.model.train(was_training)
-        return {k: v.shape[1:] for k, v in student.items()}, {k: v.shape[1:] for k, v in teacher.items()}
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
@@ -271,13 +265,13 @@ class DistillationModule(ClassifierModule):
             return self.teacher(x)
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if not self.objective.features:  # logits only: no hooks (and a graph the compiler takes whole)
+        if not self.objective.needs_features:  # logits only: no hooks (and a graph the compiler takes whole)
             logits = self.model(x)
-            return logits, self.objective(logits, y, self.teacher_logits(x, index))
+            return logits, self.objective(logits, y, self.teacher_logits(x, index), index=index)
         with self.student_hooks.capture() as student, self.teacher_hooks.capture() as teacher:
             logits = self.model(x)
             teacher_logits = self.teacher_logits(x, index)
-        return logits, self.objective(logits, y, teacher_logits, student, teacher)
+        return logits, self.objective(logits, y, teacher_logits, student, teacher, index=index)
 
     def teardown(self, stage: str) -> None:
         super().teardown(stage)

@@ -48,7 +48,7 @@ def compile_choice(cfg: DictConfig, objective: Any, data: TensorDataModule, *com
     if not cfg.get("compile", False):
         return False
     blockers = [c.describe() for c in compression if c is not None]
-    if len(objective.features):
+    if objective.needs_features:
         blockers.append("feature terms (forward hooks)")
     if blockers:
         log.warning("compile=true ignored for the student: %s; training eagerly", ", ".join(blockers))

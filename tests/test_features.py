@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from kd.experiment import run
@@ -55,13 +56,29 @@ def test_hooks_record_only_inside_capture_and_are_released():
     assert hooks.attached == 0 and not student.layer1._forward_hooks
 
 
-def test_attention_on_vector_layers_is_refused_before_training():
+def test_attention_between_a_map_and_a_vector_is_refused_before_training():
     torch.manual_seed(0)
     mlp = MLP(num_classes=10, input_shape=SHAPE, hidden=[16])
-    names = [n for n, _ in mlp.named_modules() if n]
-    at = AttentionTransfer(pairs=[{"student": names[-1], "teacher": names[-1]}])
-    with pytest.raises(ValueError, match="Pick convolutional layers"):
-        DistillationModule(mlp, MLP(num_classes=10, input_shape=SHAPE, hidden=[16]), 10, None, CrossEntropy({"at": at}), SHAPE)
+    student, _ = _resnets()
+    at = AttentionTransfer(pairs=[{"student": "layer1", "teacher": "layers.1"}])
+    with pytest.raises(ValueError, match=r"Pick layers of the same kind.*student layer1: \(8, 8, 8\)"):
+        DistillationModule(student, mlp, 10, None, CrossEntropy({"at": at}), SHAPE)
+
+
+def test_attention_between_vectors_is_over_units():
+    # kd's extension for MLPs: a (B, D) layer is one channel over D positions, pooled to the smaller D
+    torch.manual_seed(0)
+    student, teacher = MLP(10, SHAPE, hidden=[4]), MLP(10, SHAPE, hidden=[8])
+    objective = CrossEntropy({"at": AttentionTransfer(pairs=[{"student": "layers.1", "teacher": "layers.1"}])})
+    module = DistillationModule(student, teacher, 10, None, objective, SHAPE)
+    x = torch.randn(3, *SHAPE)
+    with module.student_hooks.capture() as s, module.teacher_hooks.capture() as t:
+        student(x), teacher(x)
+    q_s = F.normalize(s["layers.1"].pow(2), dim=1)  # (3, 4)
+    q_t = F.normalize(t["layers.1"].pow(2).reshape(3, 4, 2).mean(2), dim=1)  # 8 units averaged in pairs -> 4
+    terms = objective(student(x), torch.zeros(3, dtype=torch.long), None, s, t)
+    assert terms["loss_at"].item() == pytest.approx((q_s - q_t).pow(2).mean().item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(terms["loss_ce"].item() + 500.0 * terms["loss_at"].item(), rel=1e-5)
 
 
 def test_kd_at_step_logs_each_term_and_keeps_no_activation_alive():

@@ -1,64 +1,40 @@
-"""Feature-distillation terms: attention transfer and FitNets hints over named layer pairs.
+"""Feature-distillation terms: attention transfer and FitNets hints over layer pairs.
 
-A term is an ``nn.Module`` (a hint term owns trainable regressors) configured with a list of
-layer pairs ``{student: <name>, teacher: <name>, weight: <float>}``; the hooks of both models
-are derived from that one list. The term's ``weight`` (one YAML key) multiplies its sum over
-pairs in the objective; the logged ``train/loss_<name>`` is the unweighted sum.
+A term is a ``kd.losses.protocol.Term`` (a hint term owns trainable regressors) configured with
+a list of layer pairs ``{student: <spec>, teacher: <spec>, weight: <float>}``, or none: then the
+pairs come from both models' declared feature stages. The hooks of both models are derived from
+that one list. The term's ``weight`` (one YAML key) multiplies its sum over pairs in the
+objective; the logged ``train/loss_<name>`` is the unweighted sum.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from kd.features import LayerPair
 from kd.losses.attention import attention_transfer_loss
 from kd.losses.hint import HintRegressor, hint_loss
+from kd.losses.protocol import BindContext, Term, TermInputs
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LayerPair:
-    """One matched pair: the student's layer, the teacher's layer, and this pair's weight."""
+class FeatureTerm(Term):
+    """Base of the feature terms: named, weighted, over layer pairs (``None``: the models' stages)."""
 
-    student: str
-    teacher: str
-    weight: float = 1.0
+    name = "feature"
+    default_layers = "stages"
 
+    def __init__(self, pairs: Sequence[Mapping[str, object]] | None, weight: float) -> None:
+        super().__init__(weight, pairs)
 
-def _pairs(pairs: Sequence[Mapping[str, object]], term: str) -> list[LayerPair]:
-    if not pairs:
-        raise ValueError(f"{term}: `pairs` is empty; give a list of {{student: <layer>, teacher: <layer>}}")
-    out = []
-    for pair in pairs:
-        unknown = set(pair) - {"student", "teacher", "weight"}
-        if unknown or not {"student", "teacher"} <= set(pair):
-            raise ValueError(f"{term}: a pair needs keys student, teacher (and optionally weight); got {dict(pair)}")
-        out.append(LayerPair(str(pair["student"]), str(pair["teacher"]), float(pair.get("weight", 1.0))))
-    return out
-
-
-class FeatureTerm(nn.Module):
-    """Base of the feature terms: named, weighted, over layer pairs."""
-
-    name = "feature"  # for messages; the objective logs a term under its config key
-
-    def __init__(self, pairs: Sequence[Mapping[str, object]], weight: float) -> None:
-        super().__init__()
-        if weight < 0:
-            raise ValueError(f"{self.name}: weight must be >= 0, got {weight}")
-        self.pairs = _pairs(pairs, self.name)
-        self.weight = float(weight)
-
-    def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
-        """Check the captured shapes (batch dimension removed) and build what depends on them."""
-
-    def forward(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError
+    @property
+    def pairs(self) -> list[LayerPair]:
+        return self.feature_pairs()
 
 
 class AttentionTransfer(FeatureTerm):
@@ -77,29 +53,37 @@ class AttentionTransfer(FeatureTerm):
 
     name = "at"
 
-    def __init__(self, pairs: Sequence[Mapping[str, object]], weight: float = 500.0, p: float = 2.0, mode: str = "code") -> None:
+    def __init__(self, pairs: Sequence[Mapping[str, object]] | None = None, weight: float = 500.0, p: float = 2.0,
+                 mode: str = "code") -> None:  # fmt: skip
         super().__init__(pairs, weight)
         self.p, self.mode = p, mode
         attention_transfer_loss(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), p, mode)  # validates p and mode
 
-    def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
+    def bind(self, context: BindContext) -> None:
         for pair in self.pairs:
-            s, t = student_shapes[pair.student], teacher_shapes[pair.teacher]
-            if len(s) != 3 or len(t) != 3:
+            s, t = context.student_shapes[pair.student], context.teacher_shapes[pair.teacher]
+            if len(s) != len(t) or len(s) not in (1, 3):
                 raise ValueError(
-                    f"at: attention needs (C, H, W) feature maps; student {pair.student} gives {tuple(s)}, "
-                    f"teacher {pair.teacher} gives {tuple(t)}. Pick convolutional layers."
+                    f"at: attention needs two (C, H, W) feature maps or two (D,) vectors; student {pair.student} "
+                    f"gives {tuple(s)}, teacher {pair.teacher} gives {tuple(t)}. Pick layers of the same kind."
                 )
-            if s[1:] != t[1:]:
+            if s[1:] != t[1:] or (len(s) == 1 and s != t):
                 log.info("at: %s %s vs %s %s differ in size; both maps are pooled to the smaller",
-                         pair.student, tuple(s[1:]), pair.teacher, tuple(t[1:]))  # fmt: skip
+                         pair.student, tuple(s), pair.teacher, tuple(t))  # fmt: skip
 
-    def forward(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
+    def forward(self, inputs: TermInputs) -> Tensor:
         losses = [
-            pair.weight * attention_transfer_loss(student[pair.student], teacher[pair.teacher], self.p, self.mode)
+            pair.weight * attention_transfer_loss(_as_map(inputs.student[pair.student]),
+                                                  _as_map(inputs.teacher[pair.teacher]), self.p, self.mode)
             for pair in self.pairs
-        ]
+        ]  # fmt: skip
         return torch.stack(losses).sum()
+
+
+def _as_map(features: Tensor) -> Tensor:
+    """Maps as they are; a vector layer ``(B, D)`` as one channel over ``D`` positions,
+    ``(B, 1, D, 1)``: its attention is over units (kd's extension for MLPs; the paper has maps)."""
+    return features[:, None, :, None] if features.dim() == 2 else features
 
 
 class Hints(FeatureTerm):
@@ -122,10 +106,11 @@ class Hints(FeatureTerm):
     """
 
     name = "hint"
+    default_layers = "middle"
 
     def __init__(
         self,
-        pairs: Sequence[Mapping[str, object]],
+        pairs: Sequence[Mapping[str, object]] | None = None,
         weight: float = 1.0,
         mode: str = "mean",
         kernel_size: int = 1,
@@ -143,14 +128,17 @@ class Hints(FeatureTerm):
             raise ValueError(f"hint: stage two needs stage1_epochs >= 1, got {stage1_epochs}")
         self.mode, self.kernel_size = mode, kernel_size
         self.stage, self.stage1_epochs = stage, stage1_epochs
+        self.pretrain_epochs = stage1_epochs if stage == "two" else 0  # stage 1: the hint alone
+        self.keep_after_pretrain = stage != "two"  # stage 2: the hint has done its work
         self.regressors = nn.ModuleDict()
 
-    def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
+    def bind(self, context: BindContext) -> None:
         for i, pair in enumerate(self.pairs):
-            shape_s, shape_t = tuple(student_shapes[pair.student]), tuple(teacher_shapes[pair.teacher])
+            shape_s, shape_t = tuple(context.student_shapes[pair.student]), tuple(context.teacher_shapes[pair.teacher])
             self.regressors[str(i)] = HintRegressor(shape_s, shape_t, self.kernel_size)
 
-    def forward(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
+    def forward(self, inputs: TermInputs) -> Tensor:
+        student, teacher = inputs.student, inputs.teacher
         losses = [
             pair.weight * hint_loss(self.regressors[str(i)](student[pair.student]), teacher[pair.teacher], self.mode)
             for i, pair in enumerate(self.pairs)

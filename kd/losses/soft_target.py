@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor
+
+from kd.losses.protocol import Term, TermInputs
 
 
 def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -38,3 +42,30 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
+
+
+class SoftTarget(Term):
+    """Hinton's soft-target term as a ``Term``: ``soft_target_loss(z_s, z_t, T)``.
+
+    ``distill=kd`` builds it inside ``SoftTargetKD`` (weight ``alpha``); it can also be listed
+    as a term of any objective (``KD + CRD``).
+
+    Args:
+        temperature: ``T > 0``.
+        weight: the term's weight in the objective.
+    """
+
+    name = "kd"
+    needs_teacher_logits = True
+    logit_based = True
+
+    def __init__(self, temperature: float = 4.0, weight: float = 1.0) -> None:
+        super().__init__(weight)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+                or temperature <= 0:  # fmt: skip
+            raise ValueError(f"distill.temperature must be a finite number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def forward(self, inputs: TermInputs) -> Tensor:
+        assert inputs.teacher_logits is not None
+        return soft_target_loss(inputs.student_logits, inputs.teacher_logits, self.temperature)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kd.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier, positive_ints
 
 
@@ -74,6 +75,14 @@ class LeNet5(nn.Module):
         self._fc_names = [f"fc{i + 1}" for i in range(len(sizes) - 1)]
         for name, fan_in, fan_out in zip(self._fc_names, sizes, sizes[1:]):
             self.add_module(name, nn.Linear(fan_in, fan_out))
+
+    def feature_info(self) -> FeatureInfo:
+        """The two convolutions (ReLU applied functionally, so the post-activation spec is
+        ``conv1:relu``), and the input of the last linear layer as the embedding."""
+        stages = (FeatureStage("conv1", "conv1:relu", "conv1", self.conv1.out_channels, 1),
+                  FeatureStage("conv2", "conv2:relu", "conv2", self.conv2.out_channels, 2))  # fmt: skip
+        last = self._fc_names[-1]
+        return FeatureInfo(stages, f"{last}:in", getattr(self, last).in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes logits.

@@ -13,6 +13,7 @@ from math import prod
 import torch
 from torch import nn
 
+from kd.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier, positive_ints
 
 
@@ -61,6 +62,18 @@ class MLP(nn.Module):
             in_features = width
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(in_features, num_classes)
+
+    def feature_info(self) -> FeatureInfo:
+        """One stage per hidden layer (post-activation: its ReLU; pre: its Linear), vectors
+        ``(B, width)``; the embedding is the input of ``head``."""
+        stages, linear = [], None
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Linear):
+                linear = i
+            elif isinstance(layer, nn.ReLU):
+                width = self.layers[linear].out_features
+                stages.append(FeatureStage(f"hidden{len(stages) + 1}", f"layers.{i}", f"layers.{linear}", width, 1))
+        return FeatureInfo(tuple(stages), "head:in", self.head.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes logits.

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kd.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier
 
 
@@ -95,6 +96,7 @@ class MobileNetLite(nn.Module):
             layers.append(DepthwiseSeparable(channels, scaled(out_channels), int(stride)))
             channels = scaled(out_channels)
         self.blocks = nn.Sequential(*layers)
+        self._strides = [int(stride) for _, stride in blocks]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
 
@@ -104,6 +106,17 @@ class MobileNetLite(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def feature_info(self) -> FeatureInfo:
+        """One stage per resolution: the last block before each stride-2 block, and the last
+        block (pre-activation: its ``bn2`` output, before the ReLU); the pooled embedding."""
+        stages, reduction = [], 1
+        for i, stride in enumerate(self._strides):
+            reduction *= stride
+            if i == len(self._strides) - 1 or self._strides[i + 1] == 2:
+                block = self.blocks[i]
+                stages.append(FeatureStage(f"blocks.{i}", f"blocks.{i}", f"blocks.{i}.bn2", block.bn2.num_features, reduction))
+        return FeatureInfo(tuple(stages), "fc:in", self.fc.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes logits.

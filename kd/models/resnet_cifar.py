@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kd.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier
 
 
@@ -34,6 +35,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
+        self.preact = nn.Identity()  # names the pre-activation sum for feature hooks (OFD, AB)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -46,7 +48,7 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.preact(out + identity))
 
 
 class CIFARResNet(nn.Module):
@@ -116,6 +118,15 @@ class CIFARResNet(nn.Module):
         layers = [BasicBlock(in_channels, out_channels, stride)]
         layers += [BasicBlock(out_channels, out_channels) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
+
+    def feature_info(self) -> FeatureInfo:
+        """The three stages (``layer1..3``; pre-activation: the last block's sum before its ReLU)
+        and the pooled embedding ``fc`` reads."""
+        stages = []
+        for i, (name, channels) in enumerate(zip(("layer1", "layer2", "layer3"), self.width)):
+            last = len(getattr(self, name)) - 1
+            stages.append(FeatureStage(name, name, f"{name}.{last}.preact", channels, 2**i))
+        return FeatureInfo(tuple(stages), "fc:in", self.fc.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes logits.

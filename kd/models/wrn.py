@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kd.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier
 
 
@@ -118,6 +119,15 @@ class WideResNet(nn.Module):
         layers = [PreActBlock(in_channels, out_channels, stride, dropout)]
         layers += [PreActBlock(out_channels, out_channels, 1, dropout) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
+
+    def feature_info(self) -> FeatureInfo:
+        """The three groups (``block1..3``). A pre-activation network: a group's output is its
+        pre-activation feature; its post-activation is the BN-ReLU the next group applies first
+        (``block2.0.bn1:relu``), and for the last group the final ``relu``."""
+        widths = [self.fc.in_features // 4, self.fc.in_features // 2, self.fc.in_features]
+        post = ["block2.0.bn1:relu", "block3.0.bn1:relu", "relu"]
+        stages = tuple(FeatureStage(f"block{i + 1}", post[i], f"block{i + 1}", c, 2**i) for i, c in enumerate(widths))
+        return FeatureInfo(stages, "fc:in", self.fc.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes logits.
