@@ -3,7 +3,9 @@
 Every ``conf/experiment/*.yaml`` with a ``reproduce`` block is one paper's table. The block holds
 the facts about the paper (in one place): ``paper`` (the key runs are tagged with), ``title``,
 ``source``, ``commands`` (what produces each row), ``metrics`` (metric -> label), ``rows``
-(setting -> the paper's numbers), ``claims`` and a ``note``. Runs carry the tags ``kd.paper`` and
+(setting -> the paper's numbers), optional ``references`` (a column label -> {setting: a published
+number of a related setting}, e.g. the CIFAR-100 tables beside a small reproduction), ``claims``
+and a ``note``. Runs carry the tags ``kd.paper`` and
 ``kd.setting`` (the row; ``reproduce.setting=...`` on the command line). For each row this reads
 the FINISHED student runs, takes the mean and population std of each metric over seeds, and
 puts the paper's number beside it; then it checks the claims:
@@ -136,7 +138,9 @@ def section(paper: dict[str, Any], runs: dict[tuple[str, str], list[dict[str, An
     metrics: dict[str, str] = paper["metrics"]
     lines = [f"## {paper['title']}", "", f"Paper: {paper['source']}. Config: `conf/experiment/{paper['experiment']}.yaml`.", ""]
     lines += ["```bash", *paper["commands"], "```", ""]
+    references: dict[str, dict[str, float]] = paper.get("references") or {}  # published numbers of other settings
     header = ["setting", "runs (seeds)", "data, epochs"] + [cell for label in metrics.values() for cell in (f"{label}: ours", "paper")]
+    header += list(references)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setting, members in rows.items():
         seeds = ",".join(sorted({str(r["seed"]) for r in members})) or "-"
@@ -146,6 +150,7 @@ def section(paper: dict[str, Any], runs: dict[tuple[str, str], list[dict[str, An
             stats = _stats(members, metric)
             ours = f"{_fmt(metric, stats[0])} ± {_fmt(metric, stats[1])}" if stats else "-"
             cells.append(f"{ours} | {_fmt(metric, paper['rows'][setting].get(metric))}")
+        cells += [_fmt("acc", table.get(setting)) for table in references.values()]
         lines.append("| " + " | ".join(cells) + " |")
     def lookup(name: str) -> list[dict[str, Any]]:
         key = tuple(name.split(":", 1)) if ":" in name else (paper["paper"], name)

@@ -97,6 +97,19 @@ def test_the_file_is_written_from_the_store(tmp_path):
     assert "big beats small: **holds**" in text and "**Verdict: reproduced.**" in text and "A toy." in text
 
 
+def test_reference_columns_show_published_numbers_of_related_settings(tmp_path):
+    conf = _toy_conf(tmp_path, "toy")
+    text = (conf / "toy.yaml").read_text().replace("  note:", "  references: {CIFAR-100: {big: 0.7551}, other: {small: 0.5}}\n  note:")
+    (conf / "toy.yaml").write_text(text)
+    uri = _store(tmp_path / "mlflow.db", "toy", {"small": [0.6], "big": [0.8]})
+    out = tmp_path / "R.md"
+    assert main(["--uri", uri, "--out", str(out), "--conf", str(conf)]) == 0
+    lines = out.read_text().splitlines()
+    assert "| setting | runs (seeds) | data, epochs | test acc: ours | paper | CIFAR-100 | other |" in lines
+    assert any(line.startswith("| big |") and line.endswith("| 90.00% | 75.51% | - |") for line in lines)
+    assert any(line.startswith("| small |") and line.endswith("| 50.00% | - | 50.00% |") for line in lines)
+
+
 def test_a_verdict_judges_the_claims_that_were_run_and_says_how_many(tmp_path):
     conf = _toy_conf(tmp_path, "toy")
     text = (conf / "toy.yaml").read_text().replace(

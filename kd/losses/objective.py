@@ -61,6 +61,7 @@ class Objective(nn.Module):
             raise ValueError(f"distill.logit_standardize must be true or false, got {logit_standardize!r}")
         self.logit_standardize = logit_standardize
         self.epoch, self.max_epochs = 0, 1
+        self._pretraining = self.pretrain_epochs() > 0  # a bool, not the epoch: a compiled step recompiles only at the stage boundary
         self.bound = False
         # this epoch's weights, CE first: a buffer, so a compiled step reads new values without recompiling
         self.register_buffer("_weights", torch.ones(len(self.terms) + 1), persistent=False)
@@ -142,6 +143,7 @@ class Objective(nn.Module):
         self.epoch, self.max_epochs = epoch, max_epochs
         for term in self.terms.values():
             term.start_epoch(epoch, max_epochs)
+        self._pretraining = epoch < self.pretrain_epochs()
         self._refresh_weights()
 
     def label_weight(self) -> float:
@@ -168,8 +170,7 @@ class Objective(nn.Module):
             standardized = TermInputs(standardize_logits(student_logits),
                                       targets, None if teacher_logits is None else standardize_logits(teacher_logits),
                                       index, raw.student, raw.teacher)  # fmt: skip
-        pretrain = self.pretrain_epochs()
-        if self.epoch < pretrain:  # the pre-training stage: the staged terms alone
+        if self._pretraining:  # the pre-training stage: the staged terms alone
             total = student_logits.new_zeros(())
             out: dict[str, Tensor] = {}
             for i, (name, term) in enumerate(self.terms.items(), start=1):
@@ -188,7 +189,7 @@ class Objective(nn.Module):
             total = total + self._weights[i] * value
             out[f"loss_{name}"] = value
             out.update(term.extra_terms())
-        if pretrain:
+        if self.pretrain_epochs():
             out["stage"] = torch.full((), 2.0, device=student_logits.device)
         return {"loss": total, **out}
 
