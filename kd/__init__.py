@@ -1,5 +1,11 @@
 """kd: knowledge distillation and model compression (Lightning + Hydra + MLflow)."""
 
+import os as _os
+
+# MLflow 3 sends usage telemetry unless told not to; kd talks to no host but the tracking URI.
+# Set before anything imports mlflow; a user's own MLFLOW_DISABLE_TELEMETRY=false still wins.
+_os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 from kd import config as _config  # noqa: F401  (registers the OmegaConf resolvers)
 
 import logging as _logging

@@ -223,7 +223,8 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             return f"open {self.uri}"
         beside = Path(sys.executable).parent / "mlflow"  # the virtualenv's own mlflow, if any
-        return f"{beside if beside.exists() else 'mlflow'} ui --backend-store-uri {self.uri}"
+        telemetry = "MLFLOW_DISABLE_TELEMETRY=true " if os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true" else ""
+        return f"{telemetry}{beside if beside.exists() else 'mlflow'} ui --backend-store-uri {self.uri}"
 
 
 # Config keys that decide where and how visibly a job runs, not what it computes.
