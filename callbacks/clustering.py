@@ -100,8 +100,8 @@ class WeightClustering(QuantizationCallback):
     def describe(self) -> str:
         return f"cluster {self.bits}-bit"
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
-        super().check(objective, pruner, model)
+    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
+        super().check(objective, pruner, model, input_shape)
         select_layers(model, self.layers, self.skip)  # patterns that match nothing fail now
         # Deep Compression clusters what pruning left: the pruning schedule must be over first
         schedule = getattr(pruner, "schedule", None)

@@ -34,6 +34,7 @@ The int8 model is evaluated on the CPU (the int8 kernels are CPU kernels).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from callbacks.base import SELECTION_KEY
+from kd.features import feature_info, split_spec
 from callbacks.fx_quant import BACKENDS, OBSERVERS, accuracy, calibration_batches, prepare_for_qat, quantize_model, resolve_backend
 
 class QuantizationCallback(Callback):
@@ -84,7 +86,7 @@ class QuantizationCallback(Callback):
     def describe(self) -> str:
         return f"int8 {self.mode}"
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
+    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
         """Raise on combinations this quantizer does not support and on layer patterns that name
         nothing in ``model`` (before training); subclasses call this too."""
         self._after_pruner = pruner is not None
@@ -200,11 +202,11 @@ class QuantizationAwareTraining(QuantizationCallback):
         width = f"int{self.bits}" if self.bits == self.activation_bits else f"w{self.bits}a{self.activation_bits}"
         return f"{width} qat" + ("" if self.converts else " (simulated)")
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
-        super().check(objective, pruner, model)
-        if getattr(objective, "needs_teacher_features", False):
-            raise ValueError("quantize=qat with feature distillation is not supported yet: the prepared graph "
-                             "replaces the student's modules the feature hooks point at (use distill=kd or none)")  # fmt: skip
+    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
+        super().check(objective, pruner, model, input_shape)
+        if input_shape is not None and objective is not None and objective.needs_features:  # distillation-aware QAT
+            example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+            qat_feature_aliases(model, prepare_for_qat(copy.deepcopy(model), self.recipe(), example), objective)
         from callbacks.magnitude import MagnitudePruning  # imported here: magnitude imports this package's base
 
         if pruner is not None and type(pruner) is not MagnitudePruning:
@@ -216,7 +218,10 @@ class QuantizationAwareTraining(QuantizationCallback):
         if stage == "fit" and not isinstance(pl_module.model, torch.fx.GraphModule):
             device = next(pl_module.model.parameters()).device
             example = torch.zeros(1, *trainer.datamodule.input_shape, device=device)
-            pl_module.model = prepare_for_qat(pl_module.model, self.recipe(), example)
+            prepared = prepare_for_qat(pl_module.model, self.recipe(), example)
+            objective = getattr(pl_module, "objective", None)
+            aliases = qat_feature_aliases(pl_module.model, prepared, objective) if objective is not None else {}
+            pl_module.replace_model(prepared, aliases)
             # initial ranges from one training batch, so a validation before any training step
             # (Lightning's sanity check) has quantization parameters of the right shapes
             with torch.no_grad():
@@ -247,3 +252,37 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def finalize(self, model: nn.Module, data: Any) -> nn.Module:
         return quantize_model(model, self.recipe(), []) if self.converts else model
+
+
+def qat_feature_aliases(model: nn.Module, prepared: nn.Module, objective: Any) -> dict[str, str]:
+    """Where the objective's student feature specs live in QAT's prepared graph of ``model``.
+
+    Preparation fuses a convolution or linear layer with the ReLU after it: the ReLU module is
+    gone, and the fused module's output is the stage's post-activation, so a stage's post spec
+    is re-pointed at it. A pre-activation spec on a fused module (OFD, AB) is refused: the value
+    before the ReLU no longer exists. Raises with the specs and the modules of the graph.
+    """
+    modules = dict(prepared.named_modules())
+    fused = {name for name, m in modules.items() if isinstance(m, torch.ao.nn.intrinsic._FusedModule)}
+    pre = {p.student for t in objective.features.values() if t.pre_activation for p in t.feature_pairs()}
+    info = feature_info(model)
+    aliases, problems = {}, []
+    for spec in objective.layers("student"):
+        name = split_spec(spec)[0]
+        if name in modules:
+            if spec in pre and name in fused:
+                problems.append(f"{spec} (fused with its ReLU: no pre-activation value is left)")
+            continue
+        stage = next((s for s in info.stages if s.post == spec), None) if info is not None else None
+        target = split_spec(stage.pre)[0] if stage is not None else None
+        if target in fused:
+            aliases[spec] = target  # the fused conv/linear + ReLU: its output is this stage's post-activation
+        else:
+            problems.append(f"{spec} (removed by the graph's fusion)")
+    if problems:
+        raise ValueError(
+            f"quantize=qat with this objective: the fake-quant graph cannot give the student feature(s) {problems}; "
+            f"name other layers in distill.terms.<name>.pairs (modules of the prepared graph: "
+            f"{', '.join(n for n in modules if n and 'post_process' not in n and 'fake_quant' not in n)})"
+        )
+    return aliases

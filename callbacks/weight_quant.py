@@ -115,8 +115,8 @@ class WeightQuantization(QuantizationCallback):
     def describe(self) -> str:
         return "binary weights" if self.scheme == "binary" else f"log{self.bits} weights"
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module) -> None:
-        super().check(objective, pruner, model)
+    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
+        super().check(objective, pruner, model, input_shape)
         select_layers(model, self.layers, self.skip)  # patterns that match nothing fail now
         if pruner is not None:
             raise ValueError(f"quantize={self.scheme} with pruning is not supported: binary weights have no zeros "

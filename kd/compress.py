@@ -53,7 +53,7 @@ def check_factorize(factorizer: LowRank, student: nn.Module, objective: Any, pru
                          "quantization (quantize=ptq or dynamic) of the fine-tuned factorised model")  # fmt: skip
     if objective.needs_teacher_features:
         raise ValueError("factorize with feature distillation is not supported: the feature hooks may point at "
-                         "layers the factorisation replaces (use distill=kd or none)")  # fmt: skip
+                         "layers the factorisation replaces (use a logit objective: kd, dkd, dist, ctkd, mlkd, or none)")  # fmt: skip
     factorizer.apply(copy.deepcopy(student))  # bad layer patterns, or nothing to factorise, fail now
 
 

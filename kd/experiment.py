@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         callbacks["prune"] = pruner
     quantizer: QuantizationCallback | None = _optional(cfg, "quantize")
     if quantizer is not None:
-        quantizer.check(objective, pruner, student)  # unsupported combinations, before any training
+        quantizer.check(objective, pruner, student, data.input_shape)  # unsupported combinations, before any training
         callbacks["quantize"] = quantizer  # after the pruner: both write the selection key, in this order
         if quantizer.prepares_graph and "prune" in callbacks:  # QAT's graph first, the pruner's masks on it
             callbacks = {"quantize": callbacks.pop("quantize"), **callbacks}

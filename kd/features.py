@@ -21,7 +21,7 @@ activations are never kept alive from one step to the next.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -121,15 +121,21 @@ class FeatureHooks:
         names: hook specs (see the module docstring); an unknown name fails here, listing the
             valid ones (and the model's declared stages, when it has them).
         role: "student" or "teacher", for the error message.
+        aliases: spec -> the module name whose output is recorded under that spec, for a model
+            whose modules were rearranged (QAT fuses a linear layer with its ReLU: the stage's
+            post-activation is then the fused module's output).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], role: str = "model") -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str = "model",
+                 aliases: Mapping[str, str] | None = None) -> None:  # fmt: skip
         modules = dict(model.named_modules())
+        aliases = dict(aliases or {})
         specs = list(dict.fromkeys(names))
         bad_suffix = [s for s in specs if split_spec(s)[1] not in SUFFIXES]
         if bad_suffix:
             raise ValueError(f"unknown {role} hook suffix in {bad_suffix}: a spec is <layer>, <layer>:in or <layer>:relu")
-        unknown = [s for s in specs if split_spec(s)[0] not in modules or split_spec(s)[0] == ""]
+        target = {spec: aliases.get(spec, split_spec(spec)[0]) for spec in specs}
+        unknown = [s for s in specs if target[s] not in modules or target[s] == ""]
         if unknown:
             valid = ", ".join(n for n in modules if n)
             info = feature_info(model)
@@ -137,7 +143,8 @@ class FeatureHooks:
                 f"{s.name} (post {s.post}, pre {s.pre})" for s in info.stages) + f", embedding {info.embedding}"  # fmt: skip
             raise ValueError(f"unknown {role} layer name(s) {unknown} in {type(model).__name__}; valid names: {valid}{stages}")
         self.names = specs
-        self._modules = {spec: modules[split_spec(spec)[0]] for spec in specs}
+        self.model = model
+        self._modules = {spec: modules[target[spec]] for spec in specs}
         self._store: dict[str, Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self.attach()

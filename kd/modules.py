@@ -105,6 +105,11 @@ class ClassifierModule(pl.LightningModule):
         if stage == "fit":
             self._compiled_step = None  # evaluation, pruning and quantization see the plain network
 
+    def replace_model(self, model: nn.Module, feature_aliases: dict[str, str] | None = None) -> None:
+        """Train ``model`` from now on (a stage's rewrite of the network, e.g. QAT's prepared
+        graph); ``feature_aliases`` re-point the feature hooks where modules were merged."""
+        self.model = model
+
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits and the objective's named loss terms for one training batch."""
         logits = self.model(x)
@@ -241,6 +246,11 @@ class DistillationModule(ClassifierModule):
         objective.prepare(model, teacher, input_shape, num_classes, samples)
         self.student_hooks = FeatureHooks(model, objective.layers("student"), "student")
         self.teacher_hooks = FeatureHooks(teacher, objective.layers("teacher"), "teacher")
+
+    def replace_model(self, model: nn.Module, feature_aliases: dict[str, str] | None = None) -> None:
+        super().replace_model(model)
+        self.student_hooks.remove()  # the hooks follow the student into its new form
+        self.student_hooks = FeatureHooks(model, self.objective.layers("student"), "student", feature_aliases)
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)

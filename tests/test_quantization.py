@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from mlflow.tracking import MlflowClient
 
 from callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from callbacks.observers import EntropyObserver, PercentileObserver
@@ -110,7 +111,7 @@ def test_a_quantized_run_tests_measures_and_saves_a_reloadable_int8_model(make_c
         (["quantize=ptq", "quantize.observer=kl"], "quantize.observer must be one of"),
         (["quantize=qat", "prune=structured", "model@student.model=lenet5"], "quantize=qat with StructuredPruning is not supported"),
         (["quantize=qat", "prune=lottery"], "quantize=qat with LotteryTicket is not supported"),
-        (["quantize=qat", "distill=at", "model@student.model=resnet8", "model@teacher.model=resnet8"], "feature distillation"),
+        (["quantize=qat", "distill=ofd", "model@student.model=lenet5"], r"conv1 \(fused with its ReLU: no pre-activation"),
     ],
 )
 def test_bad_quantization_config_fails_before_anything_is_written(make_cfg, overrides, message):
@@ -118,6 +119,27 @@ def test_bad_quantization_config_fails_before_anything_is_written(make_cfg, over
     with pytest.raises(Exception, match=message):
         run(cfg)
     assert not Path(cfg.paths.output_root).exists()
+
+
+QAT_DISTILL = [
+    ("hint", ["distill=fitnets"]),
+    ("at", ["distill=at", "model@student.model=lenet5", "model@teacher.model=lenet5"]),  # AT needs maps on both sides
+    ("crd", ["distill=crd", "model@student.model=lenet5", "distill.terms.crd.nce_k=64"]),
+]
+
+
+@pytest.mark.parametrize(("term", "overrides"), QAT_DISTILL, ids=[t for t, _ in QAT_DISTILL])
+def test_distillation_aware_qat_trains_every_objective_inside_the_fake_quant_graph(make_cfg, term, overrides):
+    # QAT fuses a linear layer with its ReLU: the MLP's post-activation stage (layers.1) is read
+    # from the fused module; LeNet's conv1:relu spec from the fused conv. Then int8 as usual.
+    cfg = make_cfg("quantize=qat", *overrides)
+    metrics = run(cfg)
+    client = MlflowClient(f"sqlite:///{Path(cfg.paths.output_root) / 'mlflow.db'}")
+    (student,) = [r for r in client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+                  if r.data.tags.get("kd.role") == "student"]  # fmt: skip
+    history = client.get_metric_history(student.info.run_id, f"train/loss_{term}")
+    assert len(history) == cfg.trainer.max_epochs and history[-1].value > 0
+    assert metrics["quant/argmax_agreement"] > 0.9 and metrics["quant/size_reduction"] > 2.0
 
 
 def _with_outliers() -> torch.Tensor:
