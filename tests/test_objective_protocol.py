@@ -116,6 +116,12 @@ def test_logit_standardize_z_scores_logit_terms_and_leaves_ce_raw():
     assert SoftTargetKD(logit_standardize=True).describe().endswith(" ls")
 
 
+@pytest.mark.parametrize("method", ["kd", "kd_at", "kd_fitnets", "dkd", "dist", "ctkd", "mlkd"])
+def test_logit_standardize_is_one_switch_on_every_logit_objective(make_cfg, method):
+    objective = instantiate(make_cfg(f"distill={method}", "distill.logit_standardize=true").distill)
+    assert objective.logit_standardize and any(t.logit_based for t in objective.terms.values())
+
+
 def test_a_methods_parameters_train_are_checkpointed_and_never_saved_with_the_student(tmp_path):
     torch.manual_seed(0)
     student, teacher = MODELS["resnet8"](), CIFARResNet(10, SHAPE, depth=8, width=[8, 16, 32])
