@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import kd  # noqa: F401  (light: registers kd's config resolvers, so `--cfg job --resolve` works; telemetry off)
+
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:

@@ -177,3 +177,18 @@ def test_a_baseline_of_an_experiment_drops_its_compression_keys(make_cfg, caplog
         assert _optional(cfg, "prune") is None and _optional(cfg, "quantize") is None
     assert "prune=none: ignoring prune.amounts" in caplog.text
     assert isinstance(_optional(make_cfg("experiment=deep_compression_lenet300"), "prune"), callbacks.MagnitudePruning)
+
+
+def test_the_resolved_config_prints_without_running(run_py, tmp_path):
+    """``--cfg job --resolve`` needs kd's resolvers (``${kd.epoch:...}``) before Hydra composes."""
+    import subprocess
+
+    done = subprocess.run(run_py("prune=agp", "--cfg", "job", "--resolve"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "start: 1\n" in done.stdout and "end: 1\n" in done.stdout  # 20% and 70% of FAST's 2 epochs, at least 1
+
+
+def test_shared_prune_keys_live_in_one_base_file(make_cfg):
+    keys = {p: set(make_cfg(f"prune={p}").prune) for p in ("magnitude", "agp", "iterative")}
+    assert keys["magnitude"] == keys["agp"] == keys["iterative"]
+    assert [make_cfg(f"prune={p}").prune.schedule for p in keys] == ["oneshot", "agp", "iterative"]
