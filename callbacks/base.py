@@ -23,76 +23,22 @@ from torch import nn
 from torch.nn.utils import prune
 
 from callbacks.schedule import SparsitySchedule
-
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-# ModelCheckpoint monitors this key while a pruning or quantization callback runs: val/acc at
-# the final sparsity (and in the quantized form), 0 before, so the selected epoch is never one
-# of a denser or still-float model.
-SELECTION_KEY = "val/acc_at_target"
-
-
-def check_fraction(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
-    return float(value)
-
-
-def select_layers(model: nn.Module, layers: Sequence[str] | None, skip: Sequence[str]) -> dict[str, nn.Module]:
-    """Convolution and linear layers of ``model`` matching ``layers`` (fnmatch patterns on
-    module names; None for all) minus those matching ``skip``. A pattern that matches no
-    prunable layer is an error that lists the valid names."""
-    candidates = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
-    for pattern in [*(layers or []), *skip]:
-        if not any(fnmatch(n, pattern) for n in candidates):
-            raise ValueError(f"no prunable layer matches {pattern!r}; the prunable layers are {list(candidates)}")
-    chosen = {
-        n: m
-        for n, m in candidates.items()
-        if (layers is None or any(fnmatch(n, p) for p in layers)) and not any(fnmatch(n, p) for p in skip)
-    }
-    if not chosen:
-        raise ValueError(f"every prunable layer is skipped; the prunable layers are {list(candidates)}")
-    return chosen
-
-
-def scale_learning_rate(trainer: pl.Trainer, factor: float) -> None:
-    """Multiply the learning rate of every optimizer and the base rates of their schedulers
-    (so an epoch scheduler continues from the lower rate instead of undoing it)."""
-    for optimizer in trainer.optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] *= factor
-            if "initial_lr" in group:
-                group["initial_lr"] *= factor
-    for config in trainer.lr_scheduler_configs:
-        if hasattr(config.scheduler, "base_lrs"):
-            config.scheduler.base_lrs = [b * factor for b in config.scheduler.base_lrs]
-
-
-def output_layer(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
-    """The last linear (or conv) layer whose output width equals the model's output width:
-    its channels are the classes."""
-    with torch.no_grad():
-        was_training = model.training
-        width = model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device)).shape[1]
-        model.train(was_training)
-    for module in reversed(list(model.modules())):
-        if isinstance(module, nn.Linear) and module.out_features == width:
-            return module
-        if isinstance(module, nn.modules.conv._ConvNd) and module.out_channels == width:
-            return module
-    raise ValueError(f"cannot find the output layer of {type(model).__name__}")
-
+from callbacks.stage import SELECTION_KEY, StageContext, StageResult, write_selection
+from kd.layers import PRUNABLE, check_fraction, output_layer, select_layers  # noqa: F401  (re-exported)
+from kd.trainer import scale_learning_rate  # noqa: F401  (re-exported)
 
 class PruningCallback(Callback):
-    """Base of the pruning callbacks (see the module docstring for the contract).
+    """Base of the pruning callbacks: a ``CompressionStage`` (``callbacks/stage.py``).
 
-    ``kd.experiment`` calls :meth:`check` before training (bad layer names fail there), points
-    the checkpoint callback at :data:`SELECTION_KEY`, and after testing calls :meth:`finalize`
-    to make the pruning permanent (and, for structured pruning, physical) before measuring and
-    saving the model.
+    ``check`` before training (bad layer names, a schedule the epochs cannot complete); the
+    callback itself trains; an epoch counts for model selection once the model has its final
+    sparsity; ``finalize`` measures the dense view (``dense/*``), makes the pruning permanent (and,
+    for structured pruning, physical: :meth:`fold`), and hands on what rebuilds the architecture.
     """
 
+    group = "prune"
+    kind = "magnitude"
+    prepares_graph = False
     selection_key = SELECTION_KEY
     # ``kd.experiment`` sets this to the seeded student builder (lottery tickets' random reinit)
     build_model: Callable[[], nn.Module] | None = None
@@ -102,7 +48,25 @@ class PruningCallback(Callback):
         """True once the model has its final sparsity."""
         raise NotImplementedError
 
-    def check(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
+    # -- the CompressionStage contract -----------------------------------------------------
+    def check(self, model: nn.Module, context: StageContext) -> None:
+        self.check_layers(model, context.input_shape, context.max_epochs)
+
+    def callbacks(self) -> list[Callback]:
+        return [self]
+
+    def selectable(self, epoch: int) -> bool:
+        return self.at_target
+
+    def finalize(self, model: nn.Module, context: StageContext) -> StageResult:
+        dense = {}
+        if context.measure is not None:  # masks folded in (and channels removed): measured against the dense model
+            dense = {f"dense/{k}": v for k, v in context.measure(self.dense_view(model)).items()}
+        folded = self.fold(model)
+        return StageResult(folded, dense, self.artifacts(Path(context.run_dir)), self.saved_extras())
+
+    # -- what the subclasses implement ------------------------------------------------------
+    def check_layers(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
         """Raise on anything in the configuration that does not fit ``model`` (or a schedule
         that ``max_epochs`` of training cannot complete), before training starts."""
 
@@ -116,8 +80,8 @@ class PruningCallback(Callback):
     def describe(self) -> str:
         raise NotImplementedError
 
-    def finalize(self, model: nn.Module) -> nn.Module:
-        """The model to measure and save once training is over."""
+    def fold(self, model: nn.Module) -> nn.Module:
+        """The model to measure and save once training is over (the pruning made permanent)."""
         return model
 
     def dense_view(self, model: nn.Module) -> nn.Module:
@@ -143,9 +107,7 @@ class PruningCallback(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Checkpoint callbacks run after all others, so they see this key for this epoch.
-        acc = trainer.callback_metrics.get("val/acc")
-        if acc is not None and not trainer.sanity_checking:
-            trainer.callback_metrics[self.selection_key] = acc.clone() if self.at_target else torch.zeros_like(acc)
+        write_selection(trainer)
 
     def log_sparsity(self, pl_module: pl.LightningModule, masks: dict[str, torch.Tensor]) -> None:
         """``model/sparsity`` over the pruned weights and ``model/sparsity/<layer>`` per layer,

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from callbacks.base import select_layers
+from kd.layers import select_layers
 from callbacks.quantization import QuantizationCallback
 from kd.deep_compression import storage_metrics, storage_report, write_report
 
@@ -100,8 +100,7 @@ class WeightClustering(QuantizationCallback):
     def describe(self) -> str:
         return f"cluster {self.bits}-bit"
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
-        super().check(objective, pruner, model, input_shape)
+    def check_with(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
         select_layers(model, self.layers, self.skip)  # patterns that match nothing fail now
         # Deep Compression clusters what pruning left: the pruning schedule must be over first
         schedule = getattr(pruner, "schedule", None)
@@ -189,7 +188,7 @@ class WeightClustering(QuantizationCallback):
     def artifacts(self, run_dir: Path) -> list[Path]:
         return [write_report(*self._storage, Path(run_dir) / "deep_compression.csv")] if self._storage else []
 
-    def finalize(self, model: nn.Module, data: Any) -> nn.Module:
+    def convert(self, model: nn.Module, data: Any) -> nn.Module:
         for module in self._targets.values():
             module._buffers.pop("weight_cluster", None)
         return model

@@ -4,10 +4,8 @@ saved int8 model, and the helpers that run int8 kernels."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from torch.ao.quantization import fake_quantize as fq
 from torch.ao.quantization import observer as obs
 
 from callbacks.observers import EntropyObserver, PercentileObserver
+from kd.measure import accuracy, agreement, int8_ops  # noqa: F401  (re-exported: the int8 helpers live with measurement)
 
 BACKENDS = ("auto", "x86", "fbgemm", "qnnpack")
 OBSERVERS = {
@@ -30,28 +29,13 @@ OBSERVERS = {
 RECIPE_KEY = "kd.quantization"
 
 
-@contextlib.contextmanager
-def int8_ops() -> Iterator[None]:
-    """Let int8 kernels run under ``trainer.deterministic=true``: torch has no deterministic
-    flag for some quantized ops (``quantized_resize_cpu_``), so determinism warns instead of
-    raising inside this block, and is restored after it."""
-    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-    if strict:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        if strict:
-            torch.use_deterministic_algorithms(True)
-
-
 @functools.cache
 def has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (``avx512_vnni``, ``avx_vnni`` or AMX), whose int8 dot products
     accumulate in 32 bits. Without it fbgemm's u8 x s8 pairs add up in 16 bits and saturate on
-    full-range activations: measured on an AVX2-only AMD EPYC, a QAT LeNet-5's int8 model agreed
-    with its fake-quant model on 94.4% of predictions at 8-bit activations (98.3% with torch's
-    7-bit ``reduce_range``), and on 100% with qnnpack. Unknown (not Linux): no."""
+    full-range activations, and the int8 model disagrees with its fake-quant model on a few
+    percent of predictions (docs/quantization.md has the measurements); qnnpack does not
+    saturate. Unknown (not Linux): no."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -137,22 +121,3 @@ def calibration_batches(data: Any, n: int) -> list[torch.Tensor]:
     """The first ``n`` batches of a fixed shuffle of the training split."""
     order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(0))
     return [data.train.x[chunk] for chunk in order[: n * data.batch_size].split(data.batch_size)]
-
-
-@torch.no_grad()
-def agreement(reference: nn.Module, quantized: nn.Module, x: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
-    """How closely ``quantized`` follows ``reference`` on CPU inputs ``x``: the fraction of equal
-    top-1 predictions and the relative error of the logits, ``||z_q - z|| / ||z||``."""
-    with int8_ops():
-        pairs = [(reference(xb), quantized(xb)) for xb in x.split(batch_size)]
-    z, zq = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])  # (N, classes) each
-    return {"argmax_agreement": float((z.argmax(1) == zq.argmax(1)).float().mean()),
-            "logit_rel_error": float((zq - z).norm() / z.norm().clamp_min(1e-12))}  # fmt: skip
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on CPU tensors, in batches."""
-    with int8_ops():
-        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return correct / len(y)

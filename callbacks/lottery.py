@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from callbacks.base import PruningCallback, check_fraction, output_layer, select_layers
+from callbacks.base import PruningCallback
+from kd.layers import check_fraction, output_layer, select_layers
 
 REINIT = ("rewind", "random")
 
@@ -50,6 +51,8 @@ class LotteryTicket(PruningCallback):
         layers, skip: fnmatch patterns of the conv/linear layers to prune / keep dense.
         seed: base seed of the random re-initialisations.
     """
+
+    kind = "lottery"
 
     def __init__(
         self,
@@ -104,7 +107,7 @@ class LotteryTicket(PruningCallback):
     def at_target(self) -> bool:
         return self._round == self.rounds
 
-    def check(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
+    def check_layers(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
         select_layers(model, self.layers, self.skip)
         if self.reinit == "random" and self.build_model is None:
             raise ValueError("prune.reinit=random needs the model's builder (set by kd.experiment)")
@@ -261,7 +264,7 @@ class LotteryTicket(PruningCallback):
         plt.close(fig)
         return path
 
-    def finalize(self, model: nn.Module) -> nn.Module:
+    def fold(self, model: nn.Module) -> nn.Module:
         for module in self._targets.values():
             if hasattr(module, "weight_mask"):
                 prune.remove(module, "weight")

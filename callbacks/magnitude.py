@@ -29,7 +29,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from callbacks.base import PruningCallback, check_fraction, scale_learning_rate, select_layers
+from callbacks.base import PruningCallback
+from kd.layers import check_fraction, select_layers
+from kd.trainer import scale_learning_rate
 from callbacks.schedule import SparsitySchedule
 from kd import sensitivity
 
@@ -54,6 +56,8 @@ class MagnitudePruning(PruningCallback):
         max_drop: with ``sensitivity``, replace the per-layer sparsities by the highest tested
             level that costs at most this much validation accuracy (absolute, e.g. 0.01).
     """
+
+    kind = "magnitude"
 
     def __init__(
         self,
@@ -98,7 +102,7 @@ class MagnitudePruning(PruningCallback):
         self._files: list[Path] = []
 
     # ---- configuration ------------------------------------------------------------------
-    def check(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
+    def check_layers(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
         self.check_schedule(self.schedule, max_epochs)
         select_layers(model, self.layers, self.skip)
         for pattern in self.amounts:
@@ -212,7 +216,7 @@ class MagnitudePruning(PruningCallback):
     def artifacts(self, run_dir: Path) -> list[Path]:
         return [f for f in self._files if f.exists()]
 
-    def finalize(self, model: nn.Module) -> nn.Module:
+    def fold(self, model: nn.Module) -> nn.Module:
         """Drop the mask buffers: a plain model whose pruned weights are zeros."""
         self._apply_masks()
         for module, tensor in self._targets.values():

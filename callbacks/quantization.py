@@ -1,5 +1,5 @@
 """Quantization to real int8 models (``quantize=ptq|dynamic|qat``), with PyTorch's FX graph mode
-(``torch.ao.quantization.quantize_fx``), the path that gives int8 kernels on this CPU today.
+(``torch.ao.quantization.quantize_fx``), the path that gives int8 CPU kernels today.
 
 - ``PostTrainingQuantization`` (``ptq``, ``dynamic``): after training, the validation-selected
   model is traced, observed on ``calibration_batches`` training batches with the chosen range
@@ -18,13 +18,12 @@
 Two traps handled here. Observers are switched off for validation and test, and for good
 when fitting ends (a moving-average observer updates in eval mode too, so evaluation data would
 move the ranges). And activations use the full 8-bit range, not torch's x86/fbgemm default
-``reduce_range`` (7 bits): measured on this CPU with a QAT LeNet-5, the x86 int8 model's logits
-then differed from the fake-quant model's by up to 0.18 (1.7% of predictions changed), against
-0.001 with 8 bits on x86, onednn and qnnpack alike (``tests/test_quantization.py`` checks the
-agreement). ``reduce_range`` exists for CPUs without VNNI, whose x86/fbgemm int8 kernels
-saturate: on an AVX2-only AMD EPYC 5.6% of predictions changed at 8 bits and 1.7% at 7, and none
-with qnnpack. So ``backend=auto`` (the default) picks x86 where ``fx_quant.has_vnni()`` and
-qnnpack elsewhere; the recipe saved beside the weights records the one used.
+``reduce_range`` (7 bits), which made the int8 model's logits differ visibly from the fake-quant
+model's on a VNNI CPU (``tests/test_quantization.py`` checks the agreement). ``reduce_range``
+exists for CPUs without VNNI, whose x86/fbgemm int8 kernels saturate at 8 bits; qnnpack does not.
+So ``backend=auto`` (the default) picks x86 where ``fx_quant.has_vnni()`` and qnnpack elsewhere;
+the recipe saved beside the weights records the one used. The measurements behind this, with the
+machines named: docs/quantization.md.
 
 All of it sits behind ``callbacks/fx_quant.py`` (:func:`quantize_model`, :func:`prepare_for_qat`),
 so the flow can move to torchao's PT2E export path (the successor, already in torch's
@@ -43,34 +42,27 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from callbacks.base import SELECTION_KEY
+from callbacks.stage import StageContext, StageResult, write_selection
 from kd.features import feature_info, split_spec
-from callbacks.fx_quant import BACKENDS, OBSERVERS, accuracy, calibration_batches, prepare_for_qat, quantize_model, resolve_backend
+from callbacks.fx_quant import (BACKENDS, OBSERVERS, RECIPE_KEY, accuracy, calibration_batches, prepare_for_qat, quantize_model,
+                                resolve_backend)  # fmt: skip
 
 class QuantizationCallback(Callback):
-    """What ``kd.experiment`` calls: :meth:`check` before training, :meth:`finalize` after
-    testing (returns the int8 model, when :attr:`converts`), :meth:`recipe` saved beside its weights.
+    """Base of the quantization callbacks: a ``CompressionStage`` (``callbacks/stage.py``).
 
-    A quantizer that takes effect at epoch :attr:`start` (clustering, binary and log weights
-    after a float warm-up) keeps model selection to the epochs from ``start`` on, through the
-    pruners' :data:`SELECTION_KEY`: 0 before ``start``; from then on ``val/acc``, unless a pruner
-    (which runs earlier in the callback list) already wrote it for this epoch.
+    ``check`` before training; the callback itself trains (QAT's fake-quant graph, clustering,
+    binary and log weights); an epoch counts for model selection from :attr:`start` on (the epoch
+    from which the model is in its quantized form); ``finalize`` hands on the int8 model as a
+    separate deployable form (:attr:`converts`), or, for recipes evaluated as a float model
+    (clustered, binary, log), the model itself with its coded size; :meth:`recipe` is saved
+    beside the weights. :meth:`convert` is the conversion alone.
     """
 
+    group = "quantize"
     mode = "static"
     converts = True
-    prepares_graph = False  # True: set up before any pruner (kd.experiment orders the callbacks)
+    prepares_graph = False  # True: set up before any pruner (its callbacks go first)
     start = 0  # the epoch from which the model is in its quantized form
-    _after_pruner = False
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        acc = trainer.callback_metrics.get("val/acc")
-        if acc is None or trainer.sanity_checking:
-            return
-        if trainer.current_epoch < self.start:
-            trainer.callback_metrics[SELECTION_KEY] = torch.zeros_like(acc)
-        elif not self._after_pruner:
-            trainer.callback_metrics[SELECTION_KEY] = acc.clone()
 
     def __init__(self, backend: str = "auto", per_channel: bool = True) -> None:
         if backend not in BACKENDS:
@@ -80,23 +72,60 @@ class QuantizationCallback(Callback):
             raise ValueError(f"quantize.backend={backend!r} is not built into this torch ({torch.backends.quantized.supported_engines})")
         self.backend, self.per_channel = backend, per_channel
 
+    @property
+    def kind(self) -> str:
+        return {"static": "ptq"}.get(self.mode, self.mode)
+
     def recipe(self) -> dict[str, Any]:
         return {"mode": self.mode, "backend": self.backend, "per_channel": self.per_channel, "observer": getattr(self, "observer", "minmax")}
 
     def describe(self) -> str:
         return f"int8 {self.mode}"
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
-        """Raise on combinations this quantizer does not support and on layer patterns that name
-        nothing in ``model`` (before training); subclasses call this too."""
-        self._after_pruner = pruner is not None
+    # -- the CompressionStage contract -----------------------------------------------------
+    def check(self, model: nn.Module, context: StageContext) -> None:
+        pruner = next((s for s in context.stages if s.group == "prune"), None)
+        self.check_with(context.objective, pruner, model, context.input_shape)
 
-    def finalize(self, model: nn.Module, data: Any) -> nn.Module:
+    def callbacks(self) -> list[Callback]:
+        return [self]
+
+    def selectable(self, epoch: int) -> bool:
+        return epoch >= self.start
+
+    def finalize(self, model: nn.Module, context: StageContext) -> StageResult:
+        recipe = {RECIPE_KEY: self.recipe()}
+        if self.converts:  # the int8 model: a separate deployable form, tested and measured against this float one
+            int8 = self.convert(model, context.data)
+            metrics = {f"quant/compare/{k}/test_acc": v for k, v in self.compared().items()}
+            return StageResult(model, metrics, self.artifacts(Path(context.run_dir)), deployed=int8, deployed_extras=recipe)
+        model = self.convert(model, context.data)  # clustered or low-bit: this model is the result
+        metrics = {"quant/bits": float(self.recipe()["bits"])}
+        if (coded := self.coded_bytes(model)) is not None:
+            metrics["quant/size_bytes_coded"] = coded
+            metrics["quant/bits_per_weight"] = 8 * coded / sum(p.numel() for p in model.parameters())
+        metrics.update(self.extra_metrics(model))
+        tags = {"kd.quant_eval": "the float model itself (no integer kernels for this recipe)"}
+        return StageResult(model, metrics, self.artifacts(Path(context.run_dir)), recipe, tags)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        write_selection(trainer)
+
+    # -- what the subclasses implement ------------------------------------------------------
+    def check_with(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
+        """Raise on what this quantizer cannot do with this objective, pruner and model (layer
+        patterns that name nothing, a start before the pruning ends), before training."""
+
+    def convert(self, model: nn.Module, data: Any) -> nn.Module:
         raise NotImplementedError
 
     def artifacts(self, run_dir: Path) -> list[Path]:
         """Files written for the run (comparison tables), to log as artifacts."""
         return []
+
+    def compared(self) -> dict[str, float]:
+        """Other recipes' int8 test accuracies measured while converting (``compare=true``)."""
+        return {}
 
     def extra_metrics(self, model: nn.Module) -> dict[str, float]:
         """Recipe-specific metrics of the final (float-evaluated) model, logged with the run."""
@@ -138,13 +167,16 @@ class PostTrainingQuantization(QuantizationCallback):
             return "int8 dynamic"
         return f"int8 ptq-{self.observer}" + ("" if self.per_channel else " per-tensor")
 
-    def finalize(self, model: nn.Module, data: Any) -> nn.Module:
+    def convert(self, model: nn.Module, data: Any) -> nn.Module:
         batches = calibration_batches(data, self.calibration_batches)
         if self.compare:
             for name in [*OBSERVERS, "dynamic"]:
                 recipe = self.recipe() | ({"mode": "dynamic"} if name == "dynamic" else {"mode": "static", "observer": name})
                 self.comparison[name] = accuracy(quantize_model(model, recipe, batches), data.test.x, data.test.y)
         return quantize_model(model, self.recipe(), batches)
+
+    def compared(self) -> dict[str, float]:
+        return dict(self.comparison)
 
     def artifacts(self, run_dir: Path) -> list[Path]:
         if not self.comparison:
@@ -202,17 +234,10 @@ class QuantizationAwareTraining(QuantizationCallback):
         width = f"int{self.bits}" if self.bits == self.activation_bits else f"w{self.bits}a{self.activation_bits}"
         return f"{width} qat" + ("" if self.converts else " (simulated)")
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
-        super().check(objective, pruner, model, input_shape)
+    def check_with(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
         if input_shape is not None and objective is not None and objective.needs_features:  # distillation-aware QAT
             example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
             qat_feature_aliases(model, prepare_for_qat(copy.deepcopy(model), self.recipe(), example), objective)
-        from callbacks.magnitude import MagnitudePruning  # imported here: magnitude imports this package's base
-
-        if pruner is not None and type(pruner) is not MagnitudePruning:
-            raise ValueError(f"quantize=qat with {type(pruner).__name__} is not supported: unstructured pruning "
-                             "(prune=magnitude|agp|iterative) trains inside the fake-quant graph; for structured or "
-                             "lottery pruning prune first and use quantize=ptq on the result")  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and not isinstance(pl_module.model, torch.fx.GraphModule):
@@ -250,7 +275,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         # training is over: the ranges are final, and no later forward pass may move them
         pl_module.model.apply(torch.ao.quantization.disable_observer)
 
-    def finalize(self, model: nn.Module, data: Any) -> nn.Module:
+    def convert(self, model: nn.Module, data: Any) -> nn.Module:
         return quantize_model(model, self.recipe(), []) if self.converts else model
 
 

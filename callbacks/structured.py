@@ -10,7 +10,7 @@ channels of its producer, so every choice is made on groups. At each pruning eve
 lowest ones are marked pruned; during training they are held at zero (re-zeroed after every
 optimizer step), which is the physically pruned network's function exactly, so the model
 keeps its shapes (DDP, checkpoints and ``ModelCheckpoint`` keep working mid-training).
-:meth:`finalize` then removes the channels with Torch-Pruning, checks that the outputs did
+:meth:`fold` then removes the channels with Torch-Pruning, checks that the outputs did
 not change, and the run saves the smaller model with the list of removed channels.
 
 Importance (``importance=``): ``l1``/``l2`` (group filter norm, Li et al. 2017), ``random``,
@@ -38,7 +38,9 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from callbacks.base import PruningCallback, check_fraction, output_layer, scale_learning_rate
+from callbacks.base import PruningCallback
+from kd.layers import check_fraction, output_layer
+from kd.trainer import scale_learning_rate
 from callbacks.groups import Member, add_penalty_gradient, group_members, keep_masks
 from callbacks.importance import IMPORTANCE, Monotone, importance_of
 from callbacks.schedule import SparsitySchedule
@@ -66,6 +68,8 @@ class StructuredPruning(PruningCallback):
         reg_strength: the penalty's lambda.
         lr_scale: learning-rate factor applied at the first pruning event.
     """
+
+    kind = "structured"
 
     def __init__(
         self,
@@ -149,7 +153,7 @@ class StructuredPruning(PruningCallback):
             raise ValueError("no channel group is left to prune (every group holds a skipped layer)")
         return graph, roots, kept
 
-    def check(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
+    def check_layers(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
         self.check_schedule(self.schedule, max_epochs)
         self._plan(model, input_shape)
 
@@ -174,7 +178,7 @@ class StructuredPruning(PruningCallback):
 
     def apply(self, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
         """Prune ``model`` to the final sparsity now, outside training (pruned channels at zero;
-        :meth:`finalize` removes them). Data-free importances only: ``taylor`` and ``hessian``
+        :meth:`fold` removes them). Data-free importances only: ``taylor`` and ``hessian``
         need the training data and run inside a fit."""
         self._bind(model, input_shape)
         self._prune_to(model, self.sparsity, None)
@@ -243,7 +247,7 @@ class StructuredPruning(PruningCallback):
     def pruned_channels(self) -> dict[str, list[int]]:
         return {root: torch.nonzero(p).flatten().tolist() for root, p in self._pruned.items() if p.any()}
 
-    def finalize(self, model: nn.Module) -> nn.Module:
+    def fold(self, model: nn.Module) -> nn.Module:
         """Remove the pruned channels for real and check that the function did not change."""
         assert self._input_shape is not None, "finalize() runs after fit()"
         model.eval()

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from callbacks.base import select_layers
+from kd.layers import select_layers
 from callbacks.quantization import QuantizationCallback
 
 SCHEMES = ("binary", "log")
@@ -115,12 +115,8 @@ class WeightQuantization(QuantizationCallback):
     def describe(self) -> str:
         return "binary weights" if self.scheme == "binary" else f"log{self.bits} weights"
 
-    def check(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
-        super().check(objective, pruner, model, input_shape)
+    def check_with(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
         select_layers(model, self.layers, self.skip)  # patterns that match nothing fail now
-        if pruner is not None:
-            raise ValueError(f"quantize={self.scheme} with pruning is not supported: binary weights have no zeros "
-                             "and the pruning masks act on the latent weights; use quantize=cluster after pruning")  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._targets:
@@ -154,7 +150,7 @@ class WeightQuantization(QuantizationCallback):
             coded += weight.numel() * self.bits / 8 + groups * (4 if self.scheme == "binary" else 1)
         return coded + sum(4 * p.numel() for p in model.parameters() if id(p) not in quantized)
 
-    def finalize(self, model: nn.Module, data: Any) -> nn.Module:
+    def convert(self, model: nn.Module, data: Any) -> nn.Module:
         for module in self._targets.values():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

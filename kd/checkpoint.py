@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kd.factorize import FACTORIZED_KEY, LowRank
 from kd.thinning import PRUNED_KEY, remove_channels
 
 
@@ -92,10 +93,8 @@ def load_weights(
     obj = _load(path, allow_pickle)
     state, extras = _state_dict(obj, path), obj if isinstance(obj, dict) else {}
     pruned = extras.get(PRUNED_KEY, {})
-    if "kd.factorized" in extras:  # a low-rank model: rebuild its two-layer factors first
-        from kd.factorize import LowRank  # imported here: kd.factorize imports the callbacks package
-
-        LowRank.apply_ranks(model, extras["kd.factorized"])
+    if FACTORIZED_KEY in extras:  # a low-rank model: rebuild its two-layer factors first
+        LowRank.apply_ranks(model, extras[FACTORIZED_KEY])
     if pruned:
         if input_shape is None:
             raise ValueError(f"{path} holds a physically pruned model: loading it needs the input shape")

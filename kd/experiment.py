@@ -19,14 +19,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from callbacks import SELECTION_KEY, PruningCallback, QuantizationCallback
-from callbacks.fx_quant import RECIPE_KEY
+from callbacks import SELECTION_KEY, CompressionStage, PruningCallback, StageContext, check_combination
 from kd.checkpoint import load_weights, save_weights
 from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.data import TensorDataModule
-from kd.compress import check_factorize, factorize, quantized_metrics
-from kd.factorize import LowRank
+from kd.compress import finetune, quantized_metrics
 from kd.omitted import bias_correction, drop_classes, omitted_classes
+from kd.measure import accuracy
 from kd.modules import ClassifierModule, DistillationModule
 from kd.summary import print_summary, summary_metrics
 from kd.teacher import Teacher, fingerprint, obtain_teacher, seeded
@@ -59,22 +58,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pruner: PruningCallback | None = _optional(cfg, "prune")
     if pruner is not None:
         pruner.build_model = build_student  # lottery tickets' random re-initialisation
-        pruner.check(student, data.input_shape, cfg.trainer.max_epochs)  # layer names and amounts, before any training
-        callbacks["prune"] = pruner
-    quantizer: QuantizationCallback | None = _optional(cfg, "quantize")
-    if quantizer is not None:
-        quantizer.check(objective, pruner, student, data.input_shape)  # unsupported combinations, before any training
-        callbacks["quantize"] = quantizer  # after the pruner: both write the selection key, in this order
-        if quantizer.prepares_graph and "prune" in callbacks:  # QAT's graph first, the pruner's masks on it
-            callbacks = {"quantize": callbacks.pop("quantize"), **callbacks}
-    factorizer: LowRank | None = _optional(cfg, "factorize")
-    if factorizer is not None:
-        check_factorize(factorizer, student, objective, pruner, quantizer)
-    compiled = compile_choice(cfg, objective, data, pruner, factorizer, quantizer)
-    if pruner is not None or quantizer is not None:
+    stages: list[CompressionStage] = [s for s in (pruner, _optional(cfg, "factorize"), _optional(cfg, "quantize")) if s is not None]
+    check_combination(stages)  # pairs that do not combine, before any training
+    checks = StageContext(data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages)
+    for stage in stages:
+        stage.check(student, checks)  # layer names, amounts, schedules, bits, before any training
+    first = [s for s in stages if s.prepares_graph]  # QAT's graph first, a pruner's masks on it
+    for stage in first + [s for s in stages if not s.prepares_graph]:
+        callbacks |= {f"{stage.group}{'' if i == 0 else i}": c for i, c in enumerate(stage.callbacks())}
+    compiled = compile_choice(cfg, objective, data, *stages)
+    if any(stage.callbacks() for stage in stages):  # stages that train: they write the selection key
         for c in callbacks.values():
             if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
-                c.monitor = SELECTION_KEY  # select among epochs at the final sparsity and quantized form only
+                c.monitor = SELECTION_KEY  # select among the epochs every stage counts (final sparsity, quantized form)
 
     output_root = Path(cfg.paths.output_root)
     tracker = Tracker(
@@ -84,7 +80,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         enabled=rank_zero_only.rank == 0,
     )
     context = hydra_context()
-    name = cfg.tracking.run_name or _run_name(cfg, objective, context, pruner, factorizer, quantizer)
+    name = cfg.tracking.run_name or _run_name(cfg, objective, context, *stages)
     fingerprint_cfg = config_hash(cfg)
     if cfg.resume and (done := tracker.finished_run(fingerprint_cfg)) is not None:
         log.info("resume: skipping '%s', FINISHED as run %s", name, done.pop("run_id"))
@@ -92,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tags = {
         "kd.role": "student",
         "kd.objective": objective.describe(),
-        "kd.compression": " + ".join(c.describe() for c in (pruner, factorizer, quantizer) if c is not None) or "none",
+        "kd.compression": " + ".join(stage.describe() for stage in stages) or "none",
         "kd.config_hash": fingerprint_cfg,
         **({"kd.paper": str(cfg.reproduce.paper), "kd.setting": str(cfg.reproduce.setting)} if cfg.get("reproduce", {}).get("paper") else {}),
     }
@@ -130,34 +126,33 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if omit:
             final.update(bias_correction(module.model, data, omit))
 
-        # 5. Measure teacher and student the same way; log, save, summarise.
-        extras = {}
-        if pruner is not None:  # masks folded in (and channels removed): measure what is saved
-            final.update({f"dense/{k}": v for k, v in measure_model(cfg, pruner.dense_view(module.model), data).items()})
-            module.model = pruner.finalize(module.model)
-            extras = pruner.saved_extras()
-            for path in pruner.artifacts(Path(cfg.paths.run_dir)):
+        # 5. Each stage finalises in order (fold masks and thin, factorise, convert); measure; log, save.
+        extras: dict[str, Any] = {}
+        deployed = None
+        finishing = StageContext(
+            data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages,
+            measure=lambda model: measure_model(cfg, model, data),
+            test_accuracy=lambda model: accuracy(model.cpu().eval(), data.test.x, data.test.y),
+            finetune=lambda epochs, lr_scale: finetune(cfg, module, data, epochs, lr_scale),
+        )  # fmt: skip
+        for stage in stages:
+            result = stage.finalize(module.model, finishing)
+            module.model = result.model
+            final.update(result.metrics)
+            extras.update(result.extras)
+            for path in result.artifacts:
                 tracker.log_artifact(run_id, path)
-        if factorizer is not None:  # low-rank factors, fine-tuned: measured and tested again
-            tested["test/acc"] = final["test/acc"] = factorize(cfg, factorizer, module, data, final, extras, tracker, run_id)
-        if quantizer is not None and not quantizer.converts:  # clustered or low-bit: this model is the result
-            module.model = quantizer.finalize(module.model, data)
-            extras[RECIPE_KEY] = quantizer.recipe()  # saved beside the weights: what they hold
-            final["quant/bits"] = float(quantizer.recipe()["bits"])
-            if (coded := quantizer.coded_bytes(module.model)) is not None:
-                final["quant/size_bytes_coded"] = coded
-                final["quant/bits_per_weight"] = 8 * coded / sum(p.numel() for p in module.model.parameters())
-            final.update(quantizer.extra_metrics(module.model))
-            tracker.set_tags(run_id, {"kd.quant_eval": "the float model itself (no integer kernels for this recipe)"})
+            if result.tags:
+                tracker.set_tags(run_id, result.tags)
+            if result.test_acc is not None:  # the stage changed the tested model (factorisation)
+                tested["test/acc"] = final["test/acc"] = result.test_acc
+            if result.deployed is not None:
+                deployed = result
         final.update({f"model/{k}": v for k, v in measure_model(cfg, module.model, data).items()})
-        if quantizer is not None and quantizer.converts:  # the int8 model: tested on the CPU, measured, saved beside the float one
-            int8 = quantizer.finalize(module.model, data)
-            final.update(quantized_metrics(cfg, module.model, int8, data, final, float(tested["test/acc"])))
-            final.update({f"quant/compare/{k}/test_acc": v for k, v in getattr(quantizer, "comparison", {}).items()})
-            recipe = {RECIPE_KEY: quantizer.recipe()}
-            tracker.log_artifact(run_id, save_weights(int8, Path(cfg.paths.run_dir) / "student_int8.pt", recipe))
-        for path in quantizer.artifacts(Path(cfg.paths.run_dir)) if quantizer is not None else []:
-            tracker.log_artifact(run_id, path)
+        if deployed is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
+            final.update(quantized_metrics(cfg, module.model, deployed.deployed, data, final, float(tested["test/acc"])))
+            int8_path = save_weights(deployed.deployed, Path(cfg.paths.run_dir) / "student_int8.pt", deployed.deployed_extras)
+            tracker.log_artifact(run_id, int8_path)
         if teacher is not None:
             final["teacher/test_acc"] = teacher_acc
             final.update({f"teacher/{k}": v for k, v in measure_model(cfg, teacher.model, data).items()})

@@ -23,14 +23,15 @@ A factorised model is a different architecture: each replaced layer becomes an
 ``nn.Sequential`` of two layers, so its ``student.pt`` state dict has keys such as
 ``fc1.0.weight`` / ``fc1.1.weight``. Reloading it needs the factorisation replayed onto a fresh
 model first: :meth:`LowRank.apply_ranks` with the dict from :meth:`LowRank.ranks` (store it beside
-the state dict, as ``kd.experiment`` does under :data:`FACTORIZED_KEY`) rebuilds those layers with
+the state dict, as the stage does under :data:`FACTORIZED_KEY`) rebuilds those layers with
 random weights, and ``load_state_dict`` fills them (``kd.checkpoint.load_weights`` does both).
 
-In a run (``factorize=svd``) the validation-selected model is tested, measured (``dense/*``),
-factorised (``factorize/test_acc_truncated``: before any fine-tuning), fine-tuned for
-``finetune_epochs`` at ``lr_scale`` times the learning rate with the run's objective (the
-teacher's soft targets too), then tested and measured again (``test/acc``, ``model/*``, and
-``factorize/*`` ratios); ``factorization.csv`` lists every layer.
+In a run (``factorize=svd``, the compression stage ``callbacks.LowRankFactorization``) the
+validation-selected model is tested, measured (``dense/*``), factorised
+(``factorize/test_acc_truncated``: before any fine-tuning), fine-tuned for ``finetune_epochs`` at
+``lr_scale`` times the learning rate with the run's objective (the teacher's soft targets too),
+then tested and measured again (``test/acc``, ``model/*``, and ``factorize/*`` ratios);
+``factorization.csv`` lists every layer.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from callbacks.base import check_fraction, select_layers
+from kd.layers import check_fraction, select_layers
 from kd.measure import count_params
 
 FACTORIZED_KEY = "kd.factorized"  # beside the state dict in student.pt: LowRank.ranks(rows)

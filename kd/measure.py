@@ -10,10 +10,12 @@ whichever is smaller) say what the zeros are worth on disk. Only a physically sm
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
 import zlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -123,3 +125,37 @@ def measure_quantized(model: nn.Module, input_shape: tuple[int, ...], large_batc
         result["latency_ms_b1"] = latency_ms(model, input_shape, 1)
         result[f"latency_ms_b{large_batch}"] = latency_ms(model, input_shape, large_batch)
     return result
+
+
+@contextlib.contextmanager
+def int8_ops() -> Iterator[None]:
+    """Let int8 kernels run under ``trainer.deterministic=true``: torch has no deterministic
+    flag for some quantized ops (``quantized_resize_cpu_``), so determinism warns instead of
+    raising inside this block, and is restored after it."""
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    if strict:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        if strict:
+            torch.use_deterministic_algorithms(True)
+
+
+@torch.no_grad()
+def agreement(reference: nn.Module, quantized: nn.Module, x: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
+    """How closely ``quantized`` follows ``reference`` on CPU inputs ``x``: the fraction of equal
+    top-1 predictions and the relative error of the logits, ``||z_q - z|| / ||z||``."""
+    with int8_ops():
+        pairs = [(reference(xb), quantized(xb)) for xb in x.split(batch_size)]
+    z, zq = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])  # (N, classes) each
+    return {"argmax_agreement": float((z.argmax(1) == zq.argmax(1)).float().mean()),
+            "logit_rel_error": float((zq - z).norm() / z.norm().clamp_min(1e-12))}  # fmt: skip
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on CPU tensors, in batches."""
+    with int8_ops():
+        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return correct / len(y)

@@ -2,10 +2,10 @@
 
 The training step never synchronises with the host and makes no ``self.log`` call: each loss
 term and the count of correct predictions are summed into tensors on the device and logged
-once, at the end of the epoch. (Measured with Lightning 2.6: every key logged per step costs
-~0.3 ms of bookkeeping on this CPU, more than a whole step of a small student; a torchmetrics
-``update`` per step cost more than the sums it replaces. See ``benchmarks/overhead.py`` and
-``benchmarks/speed.py``.) Validation and test use torchmetrics.
+once, at the end of the epoch: a key logged per step costs Lightning's bookkeeping, comparable
+to a whole step of a small student, and a torchmetrics ``update`` per step more than the sums it
+replaces (``benchmarks/overhead.py`` and ``benchmarks/speed.py`` measure both). Validation and
+test use torchmetrics.
 
 With ``compile_model=True`` the training step's forward (student, teacher lookup or online
 teacher, loss terms and these sums) runs as one ``torch.compile``d function: CUDA graphs on a

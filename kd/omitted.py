@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from callbacks.base import output_layer
+from kd.layers import output_layer
 from kd.data import Split, TensorDataModule
 
 SHIFTS = torch.arange(0.0, 10.01, 0.25)  # candidate bias increments

@@ -29,6 +29,19 @@ def make_trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int,
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
 
 
+def scale_learning_rate(trainer: pl.Trainer, factor: float) -> None:
+    """Multiply the learning rate of every optimizer and the base rates of their schedulers
+    (so an epoch scheduler continues from the lower rate instead of undoing it)."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+    for config in trainer.lr_scheduler_configs:
+        if hasattr(config.scheduler, "base_lrs"):
+            config.scheduler.base_lrs = [b * factor for b in config.scheduler.base_lrs]
+
+
 def measure_model(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> dict[str, float]:
     """``kd.measure.measure`` with the run's ``measure`` settings."""
     return measure(model, data.input_shape, large_batch=cfg.measure.large_batch, latency=cfg.measure.latency)

@@ -137,7 +137,7 @@ def test_every_prune_option_instantiates_and_fits_the_default_student(make_cfg, 
     pruner = instantiate(cfg.prune)
     assert isinstance(pruner, callbacks.PruningCallback)
     pruner.build_model = lambda: MLP(10, (1, 8, 8), hidden=[32])
-    pruner.check(MLP(10, (1, 8, 8), hidden=[32]), (1, 8, 8), cfg.trainer.max_epochs)
+    pruner.check_layers(MLP(10, (1, 8, 8), hidden=[32]), (1, 8, 8), cfg.trainer.max_epochs)
 
 
 def test_the_slurm_launcher_composes_from_one_override():

@@ -98,7 +98,7 @@ def test_the_control_refuses_masks_of_another_recipe(tmp_path):
     control = LotteryTicket(0.9, rate=0.3, reinit="random", masks_from=str(masks))
     control.build_model = _mlp
     with pytest.raises(ValueError, match="has no masks for rounds"):
-        control.check(_mlp(), (1, 8, 8))
+        control.check_layers(_mlp(), (1, 8, 8))
 
 
 def test_every_round_is_tracked_in_mlflow_with_its_early_stop_iteration(make_cfg):

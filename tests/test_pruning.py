@@ -111,12 +111,12 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
 
 def test_unknown_layer_names_list_the_valid_ones():
     with pytest.raises(ValueError, match=r"no prunable layer matches 'fc9'.*'layers.0', 'layers.2', 'head'"):
-        MagnitudePruning(0.5, skip=["fc9"]).check(_mlp(), (1, 8, 8))
+        MagnitudePruning(0.5, skip=["fc9"]).check_layers(_mlp(), (1, 8, 8))
 
 
 def test_a_schedule_longer_than_training_fails_before_training():
     with pytest.raises(ValueError, match="never reach its final sparsity"):
-        MagnitudePruning(0.5, schedule="agp", start=1, end=5).check(_mlp(), (1, 8, 8), max_epochs=5)
+        MagnitudePruning(0.5, schedule="agp", start=1, end=5).check_layers(_mlp(), (1, 8, 8), max_epochs=5)
 
 
 def test_iterative_lowers_the_learning_rate_once():

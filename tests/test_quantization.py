@@ -35,7 +35,7 @@ def _quantized_types(model: torch.nn.Module) -> set[str]:
 @pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram", "percentile", "entropy"])
 def test_ptq_gives_a_real_int8_model_close_to_the_float_one(trained, observer):
     data = digits()
-    int8 = PostTrainingQuantization(observer=observer, calibration_batches=8).finalize(trained, data)
+    int8 = PostTrainingQuantization(observer=observer, calibration_batches=8).convert(trained, data)
     assert "torch.ao.nn.intrinsic.quantized.modules.conv_relu" in _quantized_types(int8)  # int8 kernels (conv+relu fused)
     assert state_dict_bytes(int8) < 0.45 * state_dict_bytes(trained)
     float_acc = accuracy(trained, data.test.x, data.test.y)
@@ -44,7 +44,7 @@ def test_ptq_gives_a_real_int8_model_close_to_the_float_one(trained, observer):
 
 
 def test_dynamic_quantization_turns_linear_layers_int8_and_needs_no_calibration(trained):
-    int8 = PostTrainingQuantization(dynamic=True).finalize(trained, digits())
+    int8 = PostTrainingQuantization(dynamic=True).convert(trained, digits())
     assert "torch.ao.nn.quantized.dynamic.modules.linear" in _quantized_types(int8)
     assert accuracy(int8, digits().test.x, digits().test.y) > accuracy(trained, digits().test.x, digits().test.y) - 0.03
 
@@ -80,7 +80,7 @@ def test_the_int8_model_agrees_with_the_fake_quantized_one():
     cb = QuantizationAwareTraining()
     trainer([cb], max_epochs=3).fit(lit, datamodule=digits())
     data = digits()
-    int8 = cb.finalize(lit.model, data)
+    int8 = cb.convert(lit.model, data)
     with torch.no_grad(), int8_ops():  # the tests' trainers turn on deterministic algorithms
         fake = lit.model.eval()(data.test.x).argmax(1)
         real = int8(data.test.x).argmax(1)
@@ -162,7 +162,7 @@ def test_percentile_and_entropy_clip_outliers_that_minmax_keeps(observer):
 
 def test_compare_converts_with_every_estimator_and_writes_a_table(trained, tmp_path):
     ptq = PostTrainingQuantization(calibration_batches=4, compare=True)
-    ptq.finalize(trained, digits())
+    ptq.convert(trained, digits())
     assert set(ptq.comparison) == {"minmax", "moving_average", "histogram", "percentile", "entropy", "dynamic"}
     assert all(acc > 0.7 for acc in ptq.comparison.values())
     (table,) = ptq.artifacts(tmp_path)

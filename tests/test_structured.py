@@ -42,7 +42,7 @@ def test_every_importance_prunes_half_of_each_group_and_the_model_gets_smaller(i
     assert int((model.conv1.weight.flatten(1).abs().sum(1) == 0).sum()) == 3
     assert int((model.fc3.weight.abs().sum(1) == 0).sum()) == 0
     params, macs = count_params(model), count_macs(model, SHAPE)
-    cb.finalize(model)  # raises if removing the channels changed the outputs
+    cb.fold(model)  # raises if removing the channels changed the outputs
     assert model.conv1.out_channels == 3 and model.conv2.in_channels == 3
     assert model.fc3.out_features == 10
     assert count_params(model) < 0.5 * params and count_macs(model, SHAPE) < 0.5 * macs
@@ -55,7 +55,7 @@ def test_groups_follow_the_graph_through_residual_blocks_and_batchnorm():
     trainer([cb], max_epochs=3).fit(module(model), datamodule=digits())
     model.eval()
     before = model(x)
-    cb.finalize(model)
+    cb.fold(model)
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
     assert model.layer1[0].bn1.num_features == model.layer1[0].conv1.out_channels == 4
 
@@ -159,14 +159,14 @@ def test_l1_pushes_the_pruned_layers_weights_toward_zero():
 )
 def test_bad_structured_choices_fail_before_training(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        StructuredPruning(**({"sparsity": 0.5} | kwargs)).check(_lenet(), SHAPE)
+        StructuredPruning(**({"sparsity": 0.5} | kwargs)).check_layers(_lenet(), SHAPE)
 
 
 def test_a_layer_coupled_with_a_kept_layer_cannot_be_pruned():
     # a residual addition ties layer2's second conv to its shortcut conv: keep one, the other cannot go
     cb = StructuredPruning(0.5, layers=["layer2.0.conv2"], skip=["layer2.0.downsample.0"])
     with pytest.raises(ValueError, match="'layer2.0.conv2' cannot be pruned: its channels are coupled"):
-        cb.check(_resnet(), SHAPE)
+        cb.check_layers(_resnet(), SHAPE)
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")

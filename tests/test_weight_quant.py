@@ -88,7 +88,7 @@ def test_fine_tuning_keeps_the_format_and_the_accuracy(trained, scheme, bits, le
             m.weight.copy_(binarize(m.weight) if scheme == "binary" else power_of_two(m.weight, bits))
     cb = WeightQuantization(scheme, bits, skip=["conv1"])
     trainer([cb], max_epochs=2).fit(module(model, lr=0.01), datamodule=digits())
-    cb.finalize(model, digits())
+    cb.convert(model, digits())
     assert not hasattr(model.conv2, "parametrizations")  # a plain float model again
     for name in ("conv2", "fc1", "fc2", "fc3"):
         for row in getattr(model, name).weight.detach().flatten(1):
