@@ -307,3 +307,17 @@ def test_all_four_terms_combine_in_one_objective():
     out["loss"].backward()
     assert {f"loss_{k}" for k in terms} | {"dkd_tckd", "dkd_nckd", "ctkd_temperature"} <= set(out)
     assert all(torch.isfinite(v) for v in out.values()) and terms["ctkd"].theta.grad is not None
+
+
+def test_mlkd_warmup_scales_the_term_linearly_and_is_off_by_default():
+    from kd.losses import MLKD
+
+    off, on = MLKD(), MLKD(warmup_epochs=4)
+    scales = []
+    for epoch in range(6):
+        off.start_epoch(epoch, 6)
+        on.start_epoch(epoch, 6)
+        scales.append((off.scale(), on.scale()))
+    assert scales == [(1.0, 0.25), (1.0, 0.5), (1.0, 0.75), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)]
+    with pytest.raises(ValueError, match="distill.terms.mlkd.warmup_epochs must be an integer >= 0"):
+        MLKD(warmup_epochs=-1)
