@@ -76,6 +76,9 @@ def layer_storage(weight: Tensor, index_bits: int) -> dict[str, float]:
     nnz = int(positions.numel())
     row = {"params": n, "nonzero": nnz, "distinct_values": int(codebook.numel()), "index_bits": index_bits}
     row["dense"] = 4.0 * n
+    if nnz == 0:  # every weight pruned (global pruning can empty a small layer): nothing to store
+        row.update(entries=0, value_bits=0, pruned=0.0, quantized=0.0, huffman=0.0, bits_per_weight_huffman=0.0)
+        return row
     if nnz == n:  # nothing pruned: dense values, no indices
         entries, value_codes, index_counts = n, codes, {}
     else:

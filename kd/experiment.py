@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, float]:
     """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow."""
     # 1. Build and check everything that can fail on bad input, before any training.
+    _check_counts(cfg)
     objective = instantiate(cfg.distill)
     data: TensorDataModule = instantiate(cfg.data)
     data.prepare_data()  # missing data fails here, with how to get it
@@ -284,6 +285,16 @@ def _optional(cfg: DictConfig, group: str) -> Any:
         log.warning("%s=none: ignoring %s", group, ", ".join(f"{group}.{k}" for k in node))
         return None
     return instantiate(node)
+
+
+def _check_counts(cfg: DictConfig) -> None:
+    """Seeds and epoch counts, before anything is built: Lightning reads ``max_epochs=-1`` as
+    "forever" and 0 trains nothing (the run then fails after MLflow runs opened), and a seed that
+    is not an integer fails inside Lightning without naming the key (or trains another seed)."""
+    for key, low in (("seed", 0), ("teacher.seed", 0), ("trainer.max_epochs", 1), ("teacher.max_epochs", 1)):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
 
 
 def _check_keys(node: DictConfig) -> None:

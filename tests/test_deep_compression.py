@@ -55,3 +55,10 @@ def test_model_totals_add_the_other_parameters_at_32_bits(tmp_path):
     assert metrics["dc/ratio/2"] == pytest.approx(rows[1]["dense"] / rows[1]["huffman"])
     lines = write_report(rows, totals, tmp_path / "dc.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("total")
+
+
+def test_a_layer_with_no_weights_left_stores_nothing():
+    # global magnitude pruning at 90% of a small MLP can empty a layer; the accounting used to hit log2(0)
+    row = layer_storage(torch.zeros(3, 4), 5)
+    assert (row["params"], row["nonzero"], row["entries"]) == (12, 0, 0)
+    assert row["pruned"] == row["quantized"] == row["huffman"] == 0.0 and row["dense"] == 48.0

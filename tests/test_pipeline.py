@@ -190,3 +190,18 @@ def test_a_debug_trained_teacher_is_never_reused_by_a_real_run(make_cfg):
     assert len(_runs(cfg, "teacher")) == 2
     run(make_cfg("teacher.max_epochs=3"))
     assert len(_runs(cfg, "teacher")) == 2  # ... but the same real recipe is reused
+
+
+COUNTS = [("seed=abc", "seed must be an integer >= 0, got 'abc'"), ("seed=1.5", "seed must be an integer >= 0, got 1.5"),
+          ("seed=-1", "seed must be an integer >= 0, got -1"), ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1, got 0"),
+          ("trainer.max_epochs=-1", "trainer.max_epochs must be an integer >= 1, got -1"),
+          ("teacher.max_epochs=0", "teacher.max_epochs must be an integer >= 1, got 0"),
+          ("teacher.seed=x", "teacher.seed must be an integer >= 0, got 'x'")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("override", "message"), COUNTS, ids=[c[0] for c in COUNTS])
+def test_seeds_and_epoch_counts_are_refused_before_anything_opens(make_cfg, override, message):
+    cfg = make_cfg(override)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        run(cfg)
+    assert not Path(cfg.paths.output_root).exists()  # no MLflow store, no lock, no teacher
