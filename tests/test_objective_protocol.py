@@ -1,6 +1,6 @@
 """The objective protocol: declared needs, the models' declared feature stages, checks before any
 training, a method's own parameters (optimiser and checkpoint, never student.pt), combined terms,
-and a toy method added by the README's recipe (one file, one yaml)."""
+and a toy method added by the recipe of docs/distillation.md (one file, one yaml)."""
 
 from __future__ import annotations
 
