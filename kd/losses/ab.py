@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd.losses.feature_maps import as_map, map_shape, pool_to
 from kd.losses.protocol import BindContext, Term, TermInputs
 
 
@@ -61,24 +62,10 @@ def connector(in_channels: int, out_channels: int) -> nn.Module:
     return nn.Sequential(conv, bn)
 
 
-def _map_shape(shape: Sequence[int], spec: str, role: str, term: str) -> tuple[int, int, int]:
-    dims = tuple(int(d) for d in shape)
-    if len(dims) == 1:
-        return (dims[0], 1, 1)
-    if len(dims) == 3:
-        return dims  # type: ignore[return-value]
-    raise ValueError(f"{term}: the {role} layer {spec} gives features of shape {dims}; it needs (C, H, W) maps "
-                     "or (D,) vectors")  # fmt: skip
 
 
-def _as_map(features: Tensor) -> Tensor:
-    """``(B, D) -> (B, D, 1, 1)``; maps unchanged."""
-    return features[:, :, None, None] if features.dim() == 2 else features
 
 
-def _pool(features: Tensor, size: tuple[int, int]) -> Tensor:
-    # (B, C, H, W) -> (B, C, h, w) where the sizes differ
-    return features if tuple(features.shape[-2:]) == size else F.adaptive_avg_pool2d(features, size)
 
 
 class AB(Term):
@@ -127,8 +114,8 @@ class AB(Term):
     def bind(self, context: BindContext) -> None:
         self.connectors, self._sizes = nn.ModuleDict(), []
         for i, pair in enumerate(self.feature_pairs()):
-            s = _map_shape(context.student_shapes[pair.student], pair.student, "student", self.name)
-            t = _map_shape(context.teacher_shapes[pair.teacher], pair.teacher, "teacher", self.name)
+            s = map_shape(context.student_shapes[pair.student], pair.student, "student", self.name)
+            t = map_shape(context.teacher_shapes[pair.teacher], pair.teacher, "teacher", self.name)
             self._sizes.append((min(s[1], t[1]), min(s[2], t[2])))
             self.connectors[str(i)] = connector(s[0], t[0])
 
@@ -136,8 +123,8 @@ class AB(Term):
         pairs = self.feature_pairs()
         losses = []
         for i, pair in enumerate(pairs):
-            s = self.connectors[str(i)](_pool(_as_map(inputs.student[pair.student]), self._sizes[i]))
-            t = _pool(_as_map(inputs.teacher[pair.teacher].detach()), self._sizes[i])
+            s = self.connectors[str(i)](pool_to(as_map(inputs.student[pair.student]), self._sizes[i]))
+            t = pool_to(as_map(inputs.teacher[pair.teacher].detach()), self._sizes[i])
             decay = self.depth_decay ** (len(pairs) - 1 - i)
             losses.append(decay * pair.weight * ab_loss(s, t, self.margin))
         return torch.stack(losses).sum()

@@ -14,14 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd.losses.feature_maps import as_map
 from kd.losses.protocol import BindContext, Term, TermInputs
 
 MODES = ("code", "paper")
 
 
-def _as_map(features: Tensor) -> Tensor:
-    """``(B, D) -> (B, D, 1, 1)`` (one position, ``h*w = 1``); maps unchanged."""
-    return features[:, :, None, None] if features.dim() == 2 else features
 
 
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
@@ -41,7 +39,7 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     Returns:
         ``(B, C1, C2)``.
     """
-    a, b = _as_map(first), _as_map(second)
+    a, b = as_map(first), as_map(second)
     if a.dim() != 4 or b.dim() != 4 or a.shape[0] != b.shape[0]:
         raise ValueError(f"fsp: two (B, C, H, W) maps or (B, D) vectors of one batch are needed, got "
                          f"{tuple(first.shape)} and {tuple(second.shape)}")  # fmt: skip

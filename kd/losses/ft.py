@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd.losses.feature_maps import as_map, pool_to
 from kd.losses.protocol import BindContext, Term, TermInputs
 
 MODES = ("code", "paper")
@@ -104,14 +105,8 @@ def translator(channels: int, factor_channels: int, vector: bool) -> nn.Sequenti
     return nn.Sequential(*_layer(c, c, vector), *_layer(c, f, vector), *_layer(f, f, vector))
 
 
-def _as_map(features: Tensor) -> Tensor:
-    """``(B, D) -> (B, D, 1, 1)``; maps unchanged."""
-    return features[:, :, None, None] if features.dim() == 2 else features
 
 
-def _pool(features: Tensor, size: tuple[int, int]) -> Tensor:
-    # (B, F, H, W) -> (B, F, h, w) where the sizes differ (the larger factor pooled, as RepDistiller)
-    return features if tuple(features.shape[-2:]) == size else F.adaptive_avg_pool2d(features, size)
 
 
 class FT(Term):
@@ -214,6 +209,6 @@ class FT(Term):
             with torch.no_grad():
                 factor_t = self.paraphrasers[str(i)].encoder(inputs.teacher[pair.teacher].detach())
             factor_s = self.translators[str(i)](inputs.student[pair.student])
-            f_s, f_t = _pool(_as_map(factor_s), self._sizes[i]), _pool(_as_map(factor_t), self._sizes[i])
+            f_s, f_t = pool_to(as_map(factor_s), self._sizes[i]), pool_to(as_map(factor_t), self._sizes[i])
             losses.append(pair.weight * ft_loss(f_s, f_t, self.mode))
         return torch.stack(losses).sum()

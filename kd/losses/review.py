@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.features import FeatureInfo, LayerPair, resolve_pairs
+from kd.losses.feature_maps import as_map
 from kd.losses.protocol import BindContext, Term, TermInputs
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,6 @@ class ABF(nn.Module):
         return self.conv2(x), x  # (B, C_t, H_t, W_t), (B, mid, H_t, W_t)
 
 
-def _as_map(features: Tensor) -> Tensor:
-    """A vector layer ``(B, D)`` as a ``(B, D, 1, 1)`` map; maps as they are."""
-    return features[:, :, None, None] if features.dim() == 2 else features
 
 
 def review_fuse(student: Sequence[Tensor], abfs: Sequence[ABF], sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
@@ -206,8 +204,8 @@ class ReviewKD(Term):
         if not self._sizes:
             raise RuntimeError("reviewkd: bind() the term to the feature shapes before calling it")
         pairs = self.feature_pairs()
-        fused = review_fuse([_as_map(inputs.student[p.student]) for p in pairs], list(self.abfs), self._sizes)
-        losses = [pair.weight * hcl_loss(out, _as_map(inputs.teacher[pair.teacher]))
+        fused = review_fuse([as_map(inputs.student[p.student]) for p in pairs], list(self.abfs), self._sizes)
+        losses = [pair.weight * hcl_loss(out, as_map(inputs.teacher[pair.teacher]))
                   for pair, out in zip(pairs, fused)]  # fmt: skip
         return torch.stack(losses).sum()
 

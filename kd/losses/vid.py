@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd.losses.feature_maps import as_map, map_shape, pool_to
 from kd.losses.protocol import BindContext, Term, TermInputs
 
 
@@ -55,25 +56,10 @@ def inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
-def _map_shape(shape: Sequence[int], spec: str, role: str) -> tuple[int, int, int]:
-    """``(C, H, W)`` as it is, a vector ``(D,)`` as the map ``(D, 1, 1)``."""
-    dims = tuple(int(d) for d in shape)
-    if len(dims) == 1:
-        return (dims[0], 1, 1)
-    if len(dims) == 3:
-        return dims  # type: ignore[return-value]
-    raise ValueError(f"vid: the {role} layer {spec} gives features of shape {dims}; VID needs (C, H, W) maps "
-                     "or (D,) vectors")  # fmt: skip
 
 
-def _as_map(features: Tensor) -> Tensor:
-    """``(B, D) -> (B, D, 1, 1)``; maps unchanged."""
-    return features[:, :, None, None] if features.dim() == 2 else features
 
 
-def _pool(features: Tensor, size: tuple[int, int]) -> Tensor:
-    # (B, C, H, W) -> (B, C, h, w) where the sizes differ (the larger map pooled, as RepDistiller)
-    return features if tuple(features.shape[-2:]) == size else F.adaptive_avg_pool2d(features, size)
 
 
 def vid_regressor(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
@@ -128,8 +114,8 @@ class VID(Term):
         self.regressors, self.alphas, self._sizes = nn.ModuleDict(), nn.ParameterDict(), []
         alpha0 = inverse_softplus(self.init_variance - self.eps)
         for i, pair in enumerate(self.feature_pairs()):
-            s = _map_shape(context.student_shapes[pair.student], pair.student, "student")
-            t = _map_shape(context.teacher_shapes[pair.teacher], pair.teacher, "teacher")
+            s = map_shape(context.student_shapes[pair.student], pair.student, "student", self.name)
+            t = map_shape(context.teacher_shapes[pair.teacher], pair.teacher, "teacher", self.name)
             self._sizes.append((min(s[1], t[1]), min(s[2], t[2])))
             self.regressors[str(i)] = vid_regressor(s[0], self.mid_channels or t[0], t[0])
             self.alphas[str(i)] = nn.Parameter(torch.full((t[0],), alpha0))
@@ -141,7 +127,7 @@ class VID(Term):
     def forward(self, inputs: TermInputs) -> Tensor:
         losses = []
         for i, pair in enumerate(self.feature_pairs()):
-            s = _pool(_as_map(inputs.student[pair.student]), self._sizes[i])
-            t = _pool(_as_map(inputs.teacher[pair.teacher].detach()), self._sizes[i])
+            s = pool_to(as_map(inputs.student[pair.student]), self._sizes[i])
+            t = pool_to(as_map(inputs.teacher[pair.teacher].detach()), self._sizes[i])
             losses.append(pair.weight * vid_loss(self.regressors[str(i)](s), t, self.variance(i)))
         return torch.stack(losses).sum()
