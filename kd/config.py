@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import OmegaConf
 
 
@@ -11,8 +13,14 @@ def _epoch(total: int, fraction: float) -> int:
     return max(1, int(int(total) * float(fraction)))
 
 
+def _pid() -> str:
+    """``${kd.pid:}``: this process's id, so run folders started in the same second differ."""
+    return str(os.getpid())
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("kd.epoch", _epoch, replace=True)
+    OmegaConf.register_new_resolver("kd.pid", _pid, replace=True)
 
 
 register_resolvers()

@@ -64,3 +64,18 @@ def test_submitit_local_launcher_runs_the_same_jobs(run_py, tmp_path):
     students, _ = _students_and_teachers(tmp_path / "outputs")
     assert sorted(r.data.params["seed"] for r in students) == ["0", "1"]
     assert {r.info.status for r in students} == {"FINISHED"} and len({r.data.tags["kd.sweep"] for r in students}) == 1
+
+
+def test_runs_and_sweeps_started_together_never_share_a_folder(run_py, tmp_path):
+    # the run folder was ${now:%H-%M-%S}: two runs started in the same second wrote one student.pt
+    quick = ["trainer=debug", "teacher.max_epochs=1", "measure.latency=false"]
+    runs = [subprocess.Popen(run_py(*quick, f"seed={s}"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for s in (0, 1)]  # fmt: skip
+    sweeps = [subprocess.Popen(run_py(*quick, f"seed={s},{s + 10}", multirun=True), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True) for s in (2, 3)]  # fmt: skip
+    for p in runs + sweeps:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+    outputs = tmp_path / "outputs"
+    assert len(list((outputs / "runs").glob("*/*/student.pt"))) == 2
+    sweep_dirs = list((outputs / "multirun").glob("*/*"))
+    assert len(sweep_dirs) == 2 and all(len(list(d.glob("*/student.pt"))) == 2 for d in sweep_dirs)
