@@ -13,14 +13,16 @@ def _epoch(total: int, fraction: float) -> int:
     return max(1, int(int(total) * float(fraction)))
 
 
-def _pid() -> str:
-    """``${kd.pid:}``: this process's id, so run folders started in the same second differ."""
-    return str(os.getpid())
+def _launch_id() -> str:
+    """``${kd.launch:}``: the id of the process that launched this run or sweep, so folders started
+    in the same second differ. Kept in ``$KD_LAUNCH_ID`` once set, so the processes a launch
+    starts (joblib and submitit workers, DDP ranks), which resolve the folder again, agree on it."""
+    return os.environ.setdefault("KD_LAUNCH_ID", str(os.getpid()))
 
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("kd.epoch", _epoch, replace=True)
-    OmegaConf.register_new_resolver("kd.pid", _pid, replace=True)
+    OmegaConf.register_new_resolver("kd.launch", _launch_id, replace=True)
 
 
 register_resolvers()
