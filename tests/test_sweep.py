@@ -1,5 +1,6 @@
 """Hydra multiruns through the real CLI: one experiment, grouped by sweep, one teacher."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -69,10 +70,11 @@ def test_submitit_local_launcher_runs_the_same_jobs(run_py, tmp_path):
 def test_runs_and_sweeps_started_together_never_share_a_folder(run_py, tmp_path):
     # the run folder was ${now:%H-%M-%S}: two runs started in the same second wrote one student.pt
     quick = ["trainer=debug", "teacher.max_epochs=1", "measure.latency=false"]
+    env = {k: v for k, v in os.environ.items() if k != "KD_LAUNCH_ID"}  # four independent launches, as from a shell
     runs = [subprocess.Popen(run_py(*quick, f"seed={s}"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True) for s in (0, 1)]  # fmt: skip
+                             text=True, env=env) for s in (0, 1)]  # fmt: skip
     sweeps = [subprocess.Popen(run_py(*quick, f"seed={s},{s + 10}", multirun=True), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True) for s in (2, 3)]  # fmt: skip
+                               stderr=subprocess.PIPE, text=True, env=env) for s in (2, 3)]  # fmt: skip
     for p in runs + sweeps:
         assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
     outputs = tmp_path / "outputs"
