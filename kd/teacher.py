@@ -5,7 +5,9 @@ everything that determines it (architecture, data source and split, seed, epochs
 size, optimiser, scheduler, precision). Every later job, of this sweep or any other, with the
 same teacher config loads it instead of training. A file lock makes parallel jobs (Hydra's
 joblib launcher) wait for the one that trains, and the weights are written atomically, so no
-job ever reads a half-written teacher.
+job ever reads a half-written teacher; the entry's ``meta.json`` (written last) holds the
+weights' sha256, and an entry that fails it, or fails to load, is moved aside, named in the log,
+and trained again.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ class Teacher:
     path: Path | None
     metrics: dict[str, float]
     run_id: str | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fingerprint(recipe: dict[str, Any]) -> str:
@@ -101,22 +111,32 @@ def _load_or_train(
     save: bool,
 ) -> Teacher:
     if weights.is_file() and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        model = load_weights(build(), weights)
-        log.info("teacher %s reused from %s (trained %s)", fp, weights.parent, meta.get("created"))
-        return Teacher(model, "cache", fp, weights, meta.get("metrics", {}), meta.get("run_id"))
+        try:
+            meta = json.loads(meta_file.read_text())
+            if meta.get("sha256") not in (None, _sha256(weights)):
+                raise ValueError(f"its checksum does not match {meta_file.name}")
+            model = load_weights(build(), weights)
+        except Exception as err:  # noqa: BLE001  (any damage: a truncated file, a bad zip, a wrong checksum)
+            aside = weights.parent.with_name(f"{weights.parent.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.warning("cached teacher %s is damaged (%s: %s); moved aside to %s, training it again",
+                        weights, type(err).__name__, err, aside)  # fmt: skip
+            if save:  # rank zero, holding the lock
+                weights.parent.rename(aside)
+        else:
+            log.info("teacher %s reused from %s (trained %s)", fp, weights.parent, meta.get("created"))
+            return Teacher(model, "cache", fp, weights, meta.get("metrics", {}), meta.get("run_id"))
     log.info("teacher %s not cached: training it", fp)
     module = make_module(build())
     metrics, run_id = train(module)
     model = module.model.cpu()
     if save:
+        save_weights(model, weights)
         created = time.strftime("%Y-%m-%d %H:%M:%S")
-        meta = {"fingerprint": fp, "recipe": recipe, "metrics": metrics, "run_id": run_id, "created": created}
-        weights.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"fingerprint": fp, "recipe": recipe, "metrics": metrics, "run_id": run_id, "created": created,
+                "sha256": _sha256(weights)}  # fmt: skip
         tmp = meta_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(meta, indent=2, default=str))
-        tmp.replace(meta_file)
-        save_weights(model, weights)  # written last: its presence means the entry is complete
+        tmp.replace(meta_file)  # written last: its presence means the entry is complete, its checksum what to expect
     return Teacher(model, "trained", fp, weights if save else None, metrics, run_id)
 
 

@@ -205,3 +205,25 @@ def test_seeds_and_epoch_counts_are_refused_before_anything_opens(make_cfg, over
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
         run(cfg)
     assert not Path(cfg.paths.output_root).exists()  # no MLflow store, no lock, no teacher
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
+def test_a_damaged_cached_teacher_is_moved_aside_and_trained_again(make_cfg, damage, caplog):
+    cfg = make_cfg()
+    run(cfg)
+    (weights,) = Path(cfg.paths.teacher_cache).glob("*/teacher.pt")
+    blob = bytearray(weights.read_bytes())
+    if damage == "truncated":
+        weights.write_bytes(bytes(blob[: len(blob) // 2]))
+    else:  # still a loadable file: only the checksum tells
+        blob[-200] ^= 0x01
+        weights.write_bytes(bytes(blob))
+    again = make_cfg("seed=1")
+    metrics = run(again)
+    assert metrics["teacher/test_acc"] > 0.5
+    assert "is damaged" in caplog.text and str(weights) in caplog.text
+    assert len(list(Path(cfg.paths.teacher_cache).glob("*.damaged-*"))) == 1  # kept for a look, out of the way
+    teachers = [r for r in _runs(again) if r.data.tags.get("kd.role") == "teacher"]
+    assert len(teachers) == 2 and {r.info.status for r in _runs(again)} == {"FINISHED"}  # trained again
+    run(make_cfg("seed=2"))  # and the new entry is reused
+    assert len([r for r in _runs(again) if r.data.tags.get("kd.role") == "teacher"]) == 2
