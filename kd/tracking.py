@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -98,7 +99,14 @@ class Tracker:
             db = Path(self.uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{db}.lock"):
-                return self._get_or_create_experiment(artifact_root)
+                try:
+                    return self._get_or_create_experiment(artifact_root)
+                except sqlalchemy.exc.DatabaseError as err:  # not an SQLite file, or a damaged one
+                    raise RuntimeError(
+                        f"the MLflow store {db} cannot be read ({err.orig}). Move it aside and start a new, empty "
+                        f"store: mv {db} {db}.broken (its runs' artifacts stay under {db.parent / 'mlartifacts'}), "
+                        "or point tracking.uri elsewhere"
+                    ) from err
         return self._get_or_create_experiment(artifact_root)
 
     def _get_or_create_experiment(self, artifact_root: Path | None) -> str:

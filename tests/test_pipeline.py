@@ -227,3 +227,13 @@ def test_a_damaged_cached_teacher_is_moved_aside_and_trained_again(make_cfg, dam
     assert len(teachers) == 2 and {r.info.status for r in _runs(again)} == {"FINISHED"}  # trained again
     run(make_cfg("seed=2"))  # and the new entry is reused
     assert len([r for r in _runs(again) if r.data.tags.get("kd.role") == "teacher"]) == 2
+
+
+def test_a_damaged_mlflow_store_is_named_with_the_fix_before_anything_trains(make_cfg):
+    cfg = make_cfg()
+    store = Path(cfg.paths.output_root) / "mlflow.db"
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"not a database" * 500)
+    with pytest.raises(RuntimeError, match=r"the MLflow store .*mlflow\.db cannot be read .*mv .*mlflow\.db .*mlflow\.db\.broken"):
+        run(cfg)
+    assert not (Path(cfg.paths.output_root) / "teachers").exists()
