@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.losses.feature_maps import as_map, map_shape, pool_to
+from kd.losses.feature_maps import as_map, conv_bn_connector, map_shape, pool_to
 from kd.losses.protocol import BindContext, Term, TermInputs
 
 
@@ -52,20 +52,7 @@ def connector(in_channels: int, out_channels: int) -> nn.Module:
     """The authors' connector: 1x1 convolution without bias + batch norm, initialised as their
     code (conv ``N(0, sqrt(2 / out_channels))``, BN weight 1, bias 0); identity where the channel
     counts are equal (theirs and RepDistiller's). On a ``(D, 1, 1)`` vector: linear + batch norm."""
-    if in_channels == out_channels:
-        return nn.Identity()
-    conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / out_channels))
-    bn = nn.BatchNorm2d(out_channels)
-    nn.init.ones_(bn.weight)
-    nn.init.zeros_(bn.bias)
-    return nn.Sequential(conv, bn)
-
-
-
-
-
-
+    return nn.Identity() if in_channels == out_channels else conv_bn_connector(in_channels, out_channels)
 
 
 class AB(Term):

@@ -8,10 +8,12 @@ so a 1x1 convolution on it is a linear layer, and pool the larger of two maps to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def as_map(features: Tensor) -> Tensor:
@@ -34,3 +36,15 @@ def map_shape(shape: Sequence[int], spec: str, role: str, term: str) -> tuple[in
 def pool_to(features: Tensor, size: tuple[int, int]) -> Tensor:
     """``(B, C, H, W) -> (B, C, h, w)`` by adaptive average pooling where the sizes differ."""
     return features if tuple(features.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(features, size)
+
+
+def conv_bn_connector(in_channels: int, out_channels: int) -> nn.Sequential:
+    """The connector of the AB and OFD authors' code (``build_feature_connector``): a 1x1
+    convolution without bias, ``N(0, sqrt(2 / out_channels))``, then batch norm (weight 1, bias 0).
+    On a ``(D, 1, 1)`` vector: a linear layer + batch norm."""
+    conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / out_channels))
+    bn = nn.BatchNorm2d(out_channels)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return nn.Sequential(conv, bn)

@@ -20,8 +20,6 @@ from kd.losses.protocol import BindContext, Term, TermInputs
 MODES = ("code", "paper")
 
 
-
-
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     """The FSP matrix ``G(F1, F2)`` (Yim et al., eq. 1).
 

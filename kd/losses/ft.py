@@ -105,10 +105,6 @@ def translator(channels: int, factor_channels: int, vector: bool) -> nn.Sequenti
     return nn.Sequential(*_layer(c, c, vector), *_layer(c, f, vector), *_layer(f, f, vector))
 
 
-
-
-
-
 class FT(Term):
     """Factor transfer over layer pairs (default: the last stage, as the paper and RepDistiller).
 

@@ -14,10 +14,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.losses.feature_maps import as_map, map_shape, pool_to
+from kd.losses.feature_maps import as_map, conv_bn_connector, map_shape, pool_to
 from kd.losses.protocol import BindContext, Term, TermInputs
 
 CDF_FLOOR = 1e-3  # the authors' threshold on Phi(-mean/std) below which the margin is -3 std
@@ -80,18 +79,7 @@ def ofd_loss(source: Tensor, target: Tensor, margin: Tensor) -> Tensor:
 def ofd_connector(in_channels: int, out_channels: int) -> nn.Sequential:
     """The authors' ``build_feature_connector``: 1x1 conv without bias, ``N(0, sqrt(2 / out))``,
     then BN (weight 1, bias 0); used even where the channel counts match."""
-    conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / out_channels))
-    bn = nn.BatchNorm2d(out_channels)
-    nn.init.ones_(bn.weight)
-    nn.init.zeros_(bn.bias)
-    return nn.Sequential(conv, bn)
-
-
-
-
-
-
+    return conv_bn_connector(in_channels, out_channels)
 
 
 class OFD(Term):

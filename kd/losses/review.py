@@ -110,8 +110,6 @@ class ABF(nn.Module):
         return self.conv2(x), x  # (B, C_t, H_t, W_t), (B, mid, H_t, W_t)
 
 
-
-
 def review_fuse(student: Sequence[Tensor], abfs: Sequence[ABF], sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
     """The review path: the deepest level through its ABF alone, then each shallower level fused
     with the deeper result (the authors' top-down loop). Inputs and outputs shallow to deep.

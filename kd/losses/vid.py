@@ -56,12 +56,6 @@ def inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
-
-
-
-
-
-
 def vid_regressor(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
     """The mean predictor ``mu(s)``: three 1x1 convolutions without bias, ReLU between (the
     authors' / RepDistiller's ``VIDLoss.regressor``). On a ``(D, 1, 1)`` vector it is a 3-layer MLP."""
