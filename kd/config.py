@@ -1,10 +1,13 @@
-"""OmegaConf resolvers the config tree uses (registered when ``kd`` is imported)."""
+"""The config tree's OmegaConf resolvers (registered when ``kd`` is imported), and the checks of
+config values that no class owns (seeds, epoch counts, a trainer's keys), run before anything is built."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
-from omegaconf import OmegaConf
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
 
 def _epoch(total: int, fraction: float) -> int:
@@ -26,3 +29,24 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def check_counts(cfg: DictConfig) -> None:
+    """Seeds and epoch counts, before anything is built: Lightning reads ``max_epochs=-1`` as
+    "forever" and 0 trains nothing (the run then fails after MLflow runs opened), and a seed that
+    is not an integer fails inside Lightning without naming the key (or trains another seed)."""
+    for key, low in (("seed", 0), ("teacher.seed", 0), ("trainer.max_epochs", 1), ("teacher.max_epochs", 1)):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def check_keys(node: DictConfig) -> None:
+    """Fail on a misspelled key of ``node`` before anything trains (the class is built later)."""
+    cls = get_class(node._target_)
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(node) - set(params) - {"_target_", "_partial_", "_convert_", "_recursive_"})
+    if unknown:
+        raise TypeError(f"{node._target_} has no argument(s) {unknown}; valid: {sorted(params)}")

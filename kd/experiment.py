@@ -6,14 +6,13 @@ only the Hydra shim) and returns the metrics, ``val/acc_best`` being what a swee
 
 from __future__ import annotations
 
-import inspect
 import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
@@ -21,6 +20,7 @@ from torch import nn
 
 from callbacks import SELECTION_KEY, CompressionStage, PruningCallback, StageContext, check_combination
 from kd.checkpoint import load_weights, save_weights
+from kd.config import check_counts, check_keys
 from kd.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.data import TensorDataModule
 from kd.compress import finetune, quantized_metrics
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, float]:
     """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow."""
     # 1. Build and check everything that can fail on bad input, before any training.
-    _check_counts(cfg)
+    check_counts(cfg)
     objective = instantiate(cfg.distill)
     data: TensorDataModule = instantiate(cfg.data)
     data.prepare_data()  # missing data fails here, with how to get it
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model_args = {"num_classes": data.num_classes, "input_shape": data.input_shape}
     build_student = partial(instantiate(cfg.student.model), **model_args)
     build_teacher = partial(instantiate(cfg.teacher.model), **model_args) if objective.needs_teacher else None
-    _check_keys(cfg.trainer)
+    check_keys(cfg.trainer)
     student = seeded(cfg.seed, build_student)()
     if cfg.student.init_checkpoint:
         load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
@@ -285,24 +285,3 @@ def _optional(cfg: DictConfig, group: str) -> Any:
         log.warning("%s=none: ignoring %s", group, ", ".join(f"{group}.{k}" for k in node))
         return None
     return instantiate(node)
-
-
-def _check_counts(cfg: DictConfig) -> None:
-    """Seeds and epoch counts, before anything is built: Lightning reads ``max_epochs=-1`` as
-    "forever" and 0 trains nothing (the run then fails after MLflow runs opened), and a seed that
-    is not an integer fails inside Lightning without naming the key (or trains another seed)."""
-    for key, low in (("seed", 0), ("teacher.seed", 0), ("trainer.max_epochs", 1), ("teacher.max_epochs", 1)):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-
-
-def _check_keys(node: DictConfig) -> None:
-    """Fail on a misspelled key of ``node`` before anything trains (the class is built later)."""
-    cls = get_class(node._target_)
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(node) - set(params) - {"_target_", "_partial_", "_convert_", "_recursive_"})
-    if unknown:
-        raise TypeError(f"{node._target_} has no argument(s) {unknown}; valid: {sorted(params)}")

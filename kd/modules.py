@@ -203,13 +203,11 @@ class DistillationModule(ClassifierModule):
     only the teacher's logits), the teacher runs once over them at fit start on the training
     device and each step looks its logits up by sample index; otherwise it runs online.
 
-    Feature terms name layers of both models (or take their declared feature stages); forward
-    hooks capture them during training steps only (see ``kd.features``). The objective is
-    prepared (``Objective.prepare``: layers resolved, one dummy batch, terms bound to the
-    shapes) before this module exists in a run, so a wrong layer fails before the teacher
-    trains; a module built directly prepares it here. Terms that own parameters (FitNets
-    regressors, CRD's heads and memory banks) are part of this module: in the optimiser and
-    the Lightning checkpoint, never in the saved student.
+    Feature terms name layers of both models (or take their declared stages); hooks capture them
+    in training steps only (``kd.features``). A run prepares the objective (``Objective.prepare``)
+    before this module exists, so a wrong layer fails before the teacher trains; a module built
+    directly prepares it here. Terms' own parameters (FitNets regressors, CRD's heads and banks)
+    are part of this module: in the optimiser and the Lightning checkpoint, never the student.
 
     Args:
         model: the student.

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import callbacks
-from kd.experiment import _check_keys
+from kd.config import check_keys as _check_keys
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
