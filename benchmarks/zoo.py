@@ -30,7 +30,6 @@ import platform
 import statistics
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -39,7 +38,8 @@ from kd.data import DigitsDataModule
 from kd.losses import Objective, SoftTargetKD
 from kd.models import CIFARResNet
 from kd.modules import DistillationModule
-from kd_step import SGD, Clock, quiet  # benchmarks/ is on sys.path when run as a script
+from feature_step import epoch_seconds  # benchmarks/ is on sys.path when run as a script
+from kd_step import SGD, quiet
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGET = 1.5
@@ -73,17 +73,6 @@ def build(method: str, stage: str, data: DigitsDataModule) -> DistillationModule
     objective = objective_for(method, stage)
     cache = data.train.x if method == "kd cached" or (method != "kd online" and not objective.needs_features) else None
     return DistillationModule(student, teacher, k, SGD, objective, shape, teacher_inputs=cache, num_samples=len(data.train.y))
-
-
-def epoch_seconds(module: DistillationModule, data: DigitsDataModule, epochs: int) -> float:
-    clock = Clock()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, callbacks=[clock], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, max_epochs=1 + epochs,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    return statistics.median(b - a for a, b in list(zip(clock.marks, clock.marks[1:]))[1:])
 
 
 def step_memory_mib(method: str, stage: str, data: DigitsDataModule) -> tuple[float, float]:
