@@ -8,7 +8,7 @@ import kd  # noqa: F401  (light: registers kd's config resolvers, so `--cfg job 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from kd.experiment import run  # imported here so `--help` and `--cfg` stay fast
+    from kd.run.experiment import run  # imported here so `--help` and `--cfg` stay fast
 
     return run(cfg)[cfg.optimized_metric]
 

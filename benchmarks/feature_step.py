@@ -34,7 +34,7 @@ import torch
 from kd.data import DigitsDataModule
 from kd.losses import AttentionTransfer, SoftTargetKD
 from kd.models import CIFARResNet
-from kd.modules import DistillationModule
+from kd.train.modules import DistillationModule
 from kd_step import SGD, Clock, quiet  # benchmarks/ is on sys.path when run as a script
 
 MODES = ("kd", "kd_at", "cached")

@@ -3,15 +3,15 @@
 What is measured: the steady-state wall time of one training epoch through Lightning of the
 same student, from the same initial weights, on the same data, in three modes:
 
-* CE     ``kd.modules.ClassifierModule`` with ``kd.losses.CrossEntropy`` (no teacher);
-* cached ``kd.modules.DistillationModule`` with ``kd.losses.SoftTargetKD`` and
+* CE     ``kd.train.modules.ClassifierModule`` with ``kd.losses.CrossEntropy`` (no teacher);
+* cached ``kd.train.modules.DistillationModule`` with ``kd.losses.SoftTargetKD`` and
   ``teacher_inputs=<train x>``: the teacher runs once at fit start, each step looks its logits
   up by sample index (what ``run`` does when the inputs are deterministic);
 * online the same with ``teacher_inputs=None``: the teacher's forward pass runs every step.
 
 The teacher is untrained (seeded random weights): its weights do not change its cost. Each
 repeat fits CE, cached, online in turn (interleaved) for ``1 + K`` epochs with a ``pl.Trainer``
-built like ``kd.experiment``'s (no logger, checkpointing or validation); an epoch is the interval
+built like ``kd.run.experiment``'s (no logger, checkpointing or validation); an epoch is the interval
 between consecutive ``on_train_epoch_start`` hooks (the last ends at ``on_train_end``), the first
 epoch is warm-up and dropped. ``setup`` is the time from ``on_fit_start`` to ``on_train_start``,
 where the cached mode runs the teacher over the training split (a one-off per fit, not per epoch).
@@ -48,7 +48,7 @@ from torch import nn
 from kd.data import DigitsDataModule, FashionMNISTDataModule, TensorDataModule
 from kd.losses import CrossEntropy, SoftTargetKD
 from kd.models import MLP, LeNet5
-from kd.modules import ClassifierModule, DistillationModule
+from kd.train.modules import ClassifierModule, DistillationModule
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)  # conf/student/scratch.yaml

@@ -4,8 +4,8 @@ What is measured: the steady-state wall time of one training epoch of the same n
 the same initial weights, on the same in-memory training tensors, with the same optimiser
 (SGD as in ``conf/student/scratch.yaml``, no scheduler) and batch size, shuffled every epoch:
 
-* A ``Lightning``: ``kd.modules.ClassifierModule`` with ``kd.losses.CrossEntropy`` fitted by a
-  ``pl.Trainer`` built like ``kd.experiment`` builds one (cpu, 32-true, no logger, checkpointing,
+* A ``Lightning``: ``kd.train.modules.ClassifierModule`` with ``kd.losses.CrossEntropy`` fitted by a
+  ``pl.Trainer`` built like ``kd.run.experiment`` builds one (cpu, 32-true, no logger, checkpointing,
   progress bar, model summary, sanity or validation batches), data served by the data module's
   own ``train_dataloader``. An epoch is the interval between consecutive
   ``on_train_epoch_start`` hooks (the last one ends at ``on_train_end``), so the per-epoch metric
@@ -22,7 +22,7 @@ slice of Fashion-MNIST (MLP[256,256], LeNet5; skipped with a note when the data 
 Target: Lightning/hand within 1.05x. Read the ratio column only; absolute times depend on the
 machine and its load and are printed for context, never as targets. Where the model step is
 tiny (digits, MLP[32]) the ratio measures Lightning's fixed per-step cost, not the model.
-Finally one full ``kd.experiment.run(cfg)`` of the default job is timed once, for context
+Finally one full ``kd.run.experiment.run(cfg)`` of the default job is timed once, for context
 (``--quick``: with the tests' short epochs).
 
 Usage: ``.venv/bin/python benchmarks/overhead.py [--quick] [--threads N]``. Run it on an otherwise
@@ -55,7 +55,7 @@ from torch import nn
 from kd.data import DigitsDataModule, FashionMNISTDataModule, TensorDataModule
 from kd.losses import CrossEntropy
 from kd.models import MLP, LeNet5
-from kd.modules import ClassifierModule
+from kd.train.modules import ClassifierModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -128,7 +128,7 @@ def compare(name: str, build: Callable[[], nn.Module], data: TensorDataModule, e
 def time_full_run(quick: bool) -> str:
     from hydra import compose, initialize_config_dir
 
-    from kd.experiment import run
+    from kd.run.experiment import run
 
     short = ["trainer.max_epochs=2", "teacher.max_epochs=3"] if quick else []
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@
    ``callbacks.StructuredPruning`` (L1), giving three models with the same function: *dense*
    (the original weights), *masked* (the same shapes with the pruned channels at zero: what a
    mask-only tool gives) and *physical* (channels removed by Torch-Pruning). Forward latency in
-   eval mode is measured with ``kd.measure.latency_ms`` (``torch.utils.benchmark``, medians),
+   eval mode is measured with ``kd.tracking.measure.latency_ms`` (``torch.utils.benchmark``, medians),
    the three interleaved within each repeat, at batch 64 and 256. Reported: the speed-up over
    dense of masked and physical, the MAC reduction, and physical speed-up / MAC reduction.
    Target: >= 0.8 of the MAC reduction at batch >= 64.
@@ -34,9 +34,9 @@ from torch import nn
 
 from callbacks import MagnitudePruning, StructuredPruning
 from kd.data import DigitsDataModule, FashionMNISTDataModule, TensorDataModule
-from kd.measure import count_macs, latency_ms
+from kd.tracking.measure import count_macs, latency_ms
 from kd.models import MLP, CIFARResNet, LeNet5
-from kd.modules import ClassifierModule
+from kd.train.modules import ClassifierModule
 from kd_step import FASHION_ROOT, SGD, Clock, quiet  # benchmarks/ is on sys.path when run as a script
 
 LATENCY_TARGET, OVERHEAD_TARGET = 0.8, 1.1

@@ -1,4 +1,4 @@
-"""Training throughput of ``kd.experiment.run`` against the hand-written loops of the peers.
+"""Training throughput of ``kd.run.experiment.run`` against the hand-written loops of the peers.
 
 What is measured: images per second of the student's training steps, in steady state, for the
 CRD pair (student resnet8x4, teacher resnet32x4) on CIFAR-100-shaped data (random images and
@@ -8,7 +8,7 @@ labels: the values do not change the cost), three objectives and two batch sizes
   the device, ``randperm`` + index gather, forward, loss (CE, or Hinton's KD with the teacher
   run every step or its logits looked up), ``zero_grad``, ``backward``, ``step`` and a
   ``loss.item()`` every step, as those loops do for their running averages.
-* ``run()``: ``kd.experiment.run(cfg)`` itself (Hydra config composed in-process; data module,
+* ``run()``: ``kd.run.experiment.run(cfg)`` itself (Hydra config composed in-process; data module,
   teacher training and caching, Lightning trainer, MLflow in a temporary folder), eager and
   with ``compile=true``. Its steps are timed by a callback: the interval from the start of an
   epoch's first training batch to the end of its last (the device synchronised at both ends),
@@ -52,7 +52,7 @@ from torch import nn
 
 from kd.data import TensorDataModule
 from kd.data.base import Split
-from kd.experiment import run
+from kd.run.experiment import run
 from kd.losses.soft_target import soft_target_loss
 
 ROOT = Path(__file__).resolve().parents[1]

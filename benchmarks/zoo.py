@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from kd.data import DigitsDataModule
 from kd.losses import Objective, SoftTargetKD
 from kd.models import CIFARResNet
-from kd.modules import DistillationModule
+from kd.train.modules import DistillationModule
 from feature_step import epoch_seconds  # benchmarks/ is on sys.path when run as a script
 from kd_step import SGD, quiet
 

@@ -1,5 +1,5 @@
 """What every pruning callback shares: choosing layers by name, model selection at the final
-sparsity, the learning-rate drop of prune-and-retrain, and the contract with ``kd.experiment``.
+sparsity, the learning-rate drop of prune-and-retrain, and the contract with ``kd.run.experiment``.
 
 Why our own callbacks rather than Lightning's ``ModelPruning``: its defaults are traps for
 research use (``resample_parameters``/lottery-ticket reset on by default, amounts that compound
@@ -24,8 +24,8 @@ from torch.nn.utils import prune
 
 from callbacks.schedule import SparsitySchedule
 from callbacks.stage import SELECTION_KEY, StageContext, StageResult, write_selection
-from kd.layers import PRUNABLE, check_fraction, output_layer, select_layers  # noqa: F401  (re-exported)
-from kd.trainer import scale_learning_rate  # noqa: F401  (re-exported)
+from kd.compression.layers import PRUNABLE, check_fraction, output_layer, select_layers  # noqa: F401  (re-exported)
+from kd.train.trainer import scale_learning_rate  # noqa: F401  (re-exported)
 
 class PruningCallback(Callback):
     """Base of the pruning callbacks: a ``CompressionStage`` (``callbacks/stage.py``).
@@ -40,7 +40,7 @@ class PruningCallback(Callback):
     kind = "magnitude"
     prepares_graph = False
     selection_key = SELECTION_KEY
-    # ``kd.experiment`` sets this to the seeded student builder (lottery tickets' random reinit)
+    # ``kd.run.experiment`` sets this to the seeded student builder (lottery tickets' random reinit)
     build_model: Callable[[], nn.Module] | None = None
 
     @property

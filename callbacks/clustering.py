@@ -25,9 +25,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from kd.layers import select_layers
+from kd.compression.layers import select_layers
 from callbacks.quantization import QuantizationCallback
-from kd.deep_compression import storage_metrics, storage_report, write_report
+from kd.compression.deep_compression import storage_metrics, storage_report, write_report
 
 INITS = ("linear", "density", "random")
 
@@ -66,7 +66,7 @@ class WeightClustering(QuantizationCallback):
             so ``mean`` (the sum at a learning rate divided by the cluster size) is the default.
         layers, skip: fnmatch patterns of the conv/linear layers to cluster / leave alone.
         index_bits_conv, index_bits_fc: bits of the relative sparse indices in the Deep
-            Compression storage report (the paper's 8 and 5), see ``kd/deep_compression.py``;
+            Compression storage report (the paper's 8 and 5), see ``kd/compression/deep_compression.py``;
             the run logs ``dc/*`` per stage and per layer and ``deep_compression.csv``.
     """
 

@@ -1,9 +1,9 @@
 """Low-rank factorisation as a compression stage (``factorize=svd``): after training, the
 validation-selected model is tested, measured (``dense/*``), factorised by truncated SVD
-(``kd.factorize.LowRank``: the linear algebra and the model surgery), fine-tuned for
+(``kd.compression.factorize.LowRank``: the linear algebra and the model surgery), fine-tuned for
 ``finetune_epochs`` at ``lr_scale`` times the learning rate with the run's objective, and tested
 again; ``factorization.csv`` lists every layer and ``student.pt`` stores the ranks beside the
-weights (``kd.checkpoint.load_weights`` rebuilds the factorised architecture from them).
+weights (``kd.train.checkpoint.load_weights`` rebuilds the factorised architecture from them).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from callbacks.stage import StageContext, StageResult
-from kd.factorize import FACTORIZED_KEY, LowRank
+from kd.compression.factorize import FACTORIZED_KEY, LowRank
 
 
 class LowRankFactorization(LowRank):
-    """``kd.factorize.LowRank`` with the ``CompressionStage`` contract (same arguments)."""
+    """``kd.compression.factorize.LowRank`` with the ``CompressionStage`` contract (same arguments)."""
 
     group = "factorize"
     kind = "svd"

@@ -16,7 +16,7 @@ from torch.ao.quantization import fake_quantize as fq
 from torch.ao.quantization import observer as obs
 
 from callbacks.observers import EntropyObserver, PercentileObserver
-from kd.measure import accuracy, agreement, int8_ops  # noqa: F401  (re-exported: the int8 helpers live with measurement)
+from kd.tracking.measure import accuracy, agreement, int8_ops  # noqa: F401  (re-exported: the int8 helpers live with measurement)
 
 BACKENDS = ("auto", "x86", "fbgemm", "qnnpack")
 OBSERVERS = {

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from callbacks.base import PruningCallback
-from kd.layers import check_fraction, output_layer, select_layers
+from kd.compression.layers import check_fraction, output_layer, select_layers
 
 REINIT = ("rewind", "random")
 
@@ -110,7 +110,7 @@ class LotteryTicket(PruningCallback):
     def check_layers(self, model: nn.Module, input_shape: tuple[int, ...], max_epochs: int | None = None) -> None:
         select_layers(model, self.layers, self.skip)
         if self.reinit == "random" and self.build_model is None:
-            raise ValueError("prune.reinit=random needs the model's builder (set by kd.experiment)")
+            raise ValueError("prune.reinit=random needs the model's builder (set by kd.run.experiment)")
         if self.masks_from is not None:
             self._load_replay(select_layers(model, self.layers, self.skip))
 

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from callbacks.base import PruningCallback
-from kd.layers import check_fraction, select_layers
-from kd.trainer import scale_learning_rate
+from kd.compression.layers import check_fraction, select_layers
+from kd.train.trainer import scale_learning_rate
 from callbacks.schedule import SparsitySchedule
-from kd import sensitivity
+from kd.compression import sensitivity
 
 SCOPES = ("layer", "global")
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd.features import feature_info, split_spec
+from kd.models.features import feature_info, split_spec
 
 
 def qat_feature_aliases(model: nn.Module, prepared: nn.Module, objective: Any) -> dict[str, str]:

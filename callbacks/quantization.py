@@ -19,7 +19,7 @@ Two traps handled here. Observers are switched off for validation and test, and 
 when fitting ends (a moving-average observer updates in eval mode too, so evaluation data would
 move the ranges). And activations use the full 8-bit range, not torch's x86/fbgemm default
 ``reduce_range`` (7 bits), which made the int8 model's logits differ visibly from the fake-quant
-model's on a VNNI CPU (``tests/test_quantization.py`` checks the agreement). ``reduce_range``
+model's on a VNNI CPU (``tests/compression/test_quantization.py`` checks the agreement). ``reduce_range``
 exists for CPUs without VNNI, whose x86/fbgemm int8 kernels saturate at 8 bits; qnnpack does not.
 So ``backend=auto`` (the default) picks x86 where ``fx_quant.has_vnni()`` and qnnpack elsewhere;
 the recipe saved beside the weights records the one used. The measurements behind this, with the

@@ -2,7 +2,7 @@
 declares, and the one model-selection rule that asks all of them.
 
 A run may configure one stage of each group (``prune``, ``factorize``, ``quantize``). The
-orchestrator (``kd.experiment``) only speaks this protocol:
+orchestrator (``kd.run.experiment``) only speaks this protocol:
 
 1. before anything trains: ``check(model, context)`` on every stage (layer names, schedules that
    fit the epochs, bits), and ``check_combination`` on the stages together (the table below);

@@ -39,12 +39,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from callbacks.base import PruningCallback
-from kd.layers import check_fraction, output_layer
-from kd.trainer import scale_learning_rate
+from kd.compression.layers import check_fraction, output_layer
+from kd.train.trainer import scale_learning_rate
 from callbacks.groups import Member, add_penalty_gradient, group_members, keep_masks
 from callbacks.importance import IMPORTANCE, Monotone, importance_of
 from callbacks.schedule import SparsitySchedule
-from kd.thinning import PRUNED_KEY, dependency_graph, remove_channels
+from kd.compression.thinning import PRUNED_KEY, dependency_graph, remove_channels
 
 REGULARIZERS = ("l1", "group_lasso", "bn_l1")
 SCOPES = ("layer", "global")

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from kd.layers import select_layers
+from kd.compression.layers import select_layers
 from callbacks.quantization import QuantizationCallback
 
 SCHEMES = ("binary", "log")

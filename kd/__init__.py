@@ -6,7 +6,7 @@ import os as _os
 # Set before anything imports mlflow; a user's own MLFLOW_DISABLE_TELEMETRY=false still wins.
 _os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from kd import config as _config  # noqa: F401  (registers the OmegaConf resolvers)
+from kd.run import config as _config  # noqa: F401  (registers the OmegaConf resolvers)
 
 import logging as _logging
 

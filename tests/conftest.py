@@ -27,7 +27,7 @@ FAST = [
 @pytest.fixture(autouse=True)
 def _known_warnings() -> None:
     """kd's narrow filters for warnings a correct run triggers, inside pytest's per-test capture."""
-    from kd.experiment import ignore_known_warnings
+    from kd.run.experiment import ignore_known_warnings
 
     ignore_known_warnings()
 

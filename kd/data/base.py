@@ -186,7 +186,7 @@ class TensorDataModule(pl.LightningDataModule):
     def _loader(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         device = self.device
         dataset = IndexedTensorDataset(split.x.to(device), split.y.to(device))  # a no-op on the CPU
-        # Under DDP each rank takes its own shard here (kd.trainer.make_trainer turns Lightning's
+        # Under DDP each rank takes its own shard here (kd.train.trainer.make_trainer turns Lightning's
         # sampler injection off: it would not see through EpochBatches).
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         sampler: Sampler

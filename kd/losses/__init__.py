@@ -27,7 +27,7 @@ from kd.losses.objective import CrossEntropy, Objective, SoftTargetKD
 from kd.losses.protocol import BindContext, DistillationObjective, Term, TermInputs
 from kd.losses.soft_target import SoftTarget, soft_target_loss
 from kd.losses.standardize import standardize_logits
-from kd.features import LayerPair
+from kd.models.features import LayerPair
 
 __all__ = [
     "AB",

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from kd.features import LayerPair
+from kd.models.features import LayerPair
 from kd.losses.attention import attention_transfer_loss
 from kd.losses.hint import HintRegressor, hint_loss
 from kd.losses.protocol import BindContext, Term, TermInputs

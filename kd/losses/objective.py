@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.features import FeatureHooks, feature_info
+from kd.models.features import FeatureHooks, feature_info
 from kd.losses.protocol import BindContext, Term, TermInputs
 from kd.losses.soft_target import SoftTarget
 from kd.losses.standardize import standardize_logits

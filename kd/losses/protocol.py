@@ -12,7 +12,7 @@ What a term may ask for, each declared by a class attribute, never discovered by
 * ``logit_based``: the term reads logits only, so ``distill.logit_standardize`` z-scores the
   logits it receives (Sun et al., CVPR 2024).
 * ``needs_indices``: the sample indices of the batch (CRD's memory bank).
-* feature layers: ``feature_pairs()`` returns ``LayerPair``s of hook specs (see ``kd.features``);
+* feature layers: ``feature_pairs()`` returns ``LayerPair``s of hook specs (see ``kd.models.features``);
   a term built without explicit ``pairs`` picks them from both models' declared feature stages
   in ``resolve()`` (``default_layers``: which stages, ``pre_activation``: before the ReLU).
 * trainable parameters of its own: ordinary submodules and parameters, created in ``bind()``
@@ -36,7 +36,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from kd.features import FeatureInfo, LayerPair, resolve_pairs
+from kd.models.features import FeatureInfo, LayerPair, resolve_pairs
 
 Shapes = dict[str, torch.Size]  # hook spec -> feature shape without the batch dimension
 

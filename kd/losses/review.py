@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.features import FeatureInfo, LayerPair, resolve_pairs
+from kd.models.features import FeatureInfo, LayerPair, resolve_pairs
 from kd.losses.feature_maps import as_map
 from kd.losses.protocol import BindContext, Term, TermInputs
 

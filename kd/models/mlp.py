@@ -13,7 +13,7 @@ from math import prod
 import torch
 from torch import nn
 
-from kd.features import FeatureInfo, FeatureStage
+from kd.models.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier, positive_ints
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kd.features import FeatureInfo, FeatureStage
+from kd.models.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier
 
 

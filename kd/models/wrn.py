@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kd.features import FeatureInfo, FeatureStage
+from kd.models.features import FeatureInfo, FeatureStage
 from kd.models.arguments import check_classifier
 
 

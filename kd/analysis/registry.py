@@ -1,0 +1,90 @@
+"""Register the best student of an experiment (or sweep) in the MLflow model registry:
+``python -m kd.registry --experiment kd --name digits-student [--sweep TAG] [--metric val/acc_best]``.
+
+The best run is chosen by a *validation* metric by default (model selection never looks at the
+test set); its ``student.pt`` becomes a new version of the registered model, tagged with its
+accuracy and compression measurements, the run it came from, and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from kd.analysis.report import load_runs
+from kd.tracking.tracker import resolve_uri
+
+# measurements copied onto the model version as tags
+TAGS = ("test/acc", "val/acc_best", "model/params", "model/nonzero_params", "model/size_bytes",
+        "model/size_bytes_zip", "model/macs", "model/latency_ms_b1", "model/latency_ms_b256",
+        "model/compression_ratio", "prune/param_reduction", "prune/nonzero_reduction")  # fmt: skip
+
+
+def best_run(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> dict[str, Any]:
+    """The FINISHED row with the best ``metric`` (``mode`` max or min); ties go to the oldest."""
+    finished = [r for r in rows if r["status"] == "FINISHED" and r.get(metric) is not None]
+    if not finished:
+        raise LookupError(f"no FINISHED student run has the metric {metric!r}")
+    sign = 1.0 if mode == "max" else -1.0
+    return max(finished, key=lambda r: sign * r[metric])  # max() keeps the first of equals
+
+
+def register_best(
+    client: MlflowClient, experiment: str, name: str, metric: str = "val/acc_best", mode: str = "max", sweep: str | None = None
+) -> ModelVersion:
+    """Register ``student.pt`` of the best run as a new version of model ``name``."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    best = best_run(load_runs(client, experiment, sweep, metric), metric, mode)
+    run = client.get_run(best["run_id"])
+    if "student.pt" not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+        raise LookupError(f"run {run.info.run_id} has no student.pt artifact to register")
+    metrics = run.data.metrics
+    tags = {key: f"{metrics[key]:.6g}" for key in TAGS if key in metrics}
+    overrides = run.data.tags.get("kd.overrides", "")
+    tags |= {
+        "kd.selected_by": f"{mode} {metric} = {best[metric]:.6g}",
+        "kd.run_id": run.info.run_id,
+        "kd.objective": run.data.tags.get("kd.objective", ""),
+        "kd.compression": run.data.tags.get("kd.compression", "none"),
+        "kd.command": f"python run.py {overrides}".strip() if overrides != "(defaults)" else "python run.py",
+    }
+    try:
+        client.get_registered_model(name)
+    except Exception:  # mlflow raises RestException / MlflowException for a missing name
+        client.create_registered_model(name, description=f"kd students registered from experiment '{experiment}'")
+    return client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/student.pt", run_id=run.info.run_id, tags=tags,
+        description=f"best of '{experiment}'" + (f", sweep {sweep}" if sweep else "") + f" by {metric} ({mode})",
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kd.registry", description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", default=None, help="tracking URI (default: as a run resolves it)")
+    parser.add_argument("--experiment", default="kd")
+    parser.add_argument("--sweep", default=None, help="only runs whose tag kd.sweep equals this")
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--metric", default="val/acc_best", help="selection metric (default: val/acc_best)")
+    parser.add_argument("--mode", default="max", choices=["max", "min"])
+    args = parser.parse_args(argv)
+    uri = resolve_uri(args.uri, Path("outputs"))
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        print(f"kd.analysis.registry: no store at {uri}")
+        return 2
+    try:
+        version = register_best(MlflowClient(tracking_uri=uri), args.experiment, args.name, args.metric, args.mode, args.sweep)
+    except LookupError as err:
+        print(f"kd.analysis.registry: {err} (experiment '{args.experiment}' in {uri})")
+        return 2
+    print(f"registered {args.name} version {version.version} from run {version.run_id}: {version.tags.get('kd.selected_by')}")
+    print(f"reproduce: {version.tags.get('kd.command')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

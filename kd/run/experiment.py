@@ -1,0 +1,287 @@
+"""One run, as a readable list of steps: data, teacher, student, fit, test, measure, log.
+
+``run(cfg)`` is a plain function of a composed config (tests call it directly; ``run.py`` is
+only the Hydra shim) and returns the metrics, ``val/acc_best`` being what a sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
+from torch import nn
+
+from callbacks import SELECTION_KEY, CompressionStage, PruningCallback, StageContext, check_combination
+from kd.train.checkpoint import load_weights, save_weights
+from kd.run.config import check_counts, check_keys
+from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
+from kd.data import TensorDataModule
+from kd.run.compress import finetune, quantized_metrics
+from kd.run.omitted import bias_correction, drop_classes, omitted_classes
+from kd.tracking.measure import accuracy
+from kd.train.modules import ClassifierModule, DistillationModule
+from kd.run.summary import print_summary, summary_metrics
+from kd.train.teacher import Teacher, fingerprint, obtain_teacher, seeded
+from kd.tracking.tracker import Tracker, config_hash, flatten, hydra_context, resolve_uri
+from kd.train.trainer import compile_choice, evaluate_accuracy, make_trainer, measure_model
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow."""
+    # 1. Build and check everything that can fail on bad input, before any training.
+    check_counts(cfg)
+    objective = instantiate(cfg.distill)
+    data: TensorDataModule = instantiate(cfg.data)
+    data.prepare_data()  # missing data fails here, with how to get it
+    data.setup("fit")
+    model_args = {"num_classes": data.num_classes, "input_shape": data.input_shape}
+    build_student = partial(instantiate(cfg.student.model), **model_args)
+    build_teacher = partial(instantiate(cfg.teacher.model), **model_args) if objective.needs_teacher else None
+    check_keys(cfg.trainer)
+    student = seeded(cfg.seed, build_student)()
+    if cfg.student.init_checkpoint:
+        load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
+    omit = omitted_classes(cfg.student.get("omit_classes"), data.num_classes)
+    if build_teacher is not None:  # architecture, layer names and feature shapes checked now, not after a teacher trained
+        train_size = len(drop_classes(data.train, omit).y) if omit else len(data.train.y)
+        prepare = partial(objective.prepare, student, build_teacher(), data.input_shape, data.num_classes, train_size)
+        seeded(cfg.seed, prepare)()  # the terms' own parameters (regressors, heads) from the run's seed
+    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
+    pruner: PruningCallback | None = _optional(cfg, "prune")
+    if pruner is not None:
+        pruner.build_model = build_student  # lottery tickets' random re-initialisation
+    stages: list[CompressionStage] = [s for s in (pruner, _optional(cfg, "factorize"), _optional(cfg, "quantize")) if s is not None]
+    check_combination(stages)  # pairs that do not combine, before any training
+    checks = StageContext(data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages)
+    for stage in stages:
+        stage.check(student, checks)  # layer names, amounts, schedules, bits, before any training
+    first = [s for s in stages if s.prepares_graph]  # QAT's graph first, a pruner's masks on it
+    for stage in first + [s for s in stages if not s.prepares_graph]:
+        callbacks |= {f"{stage.group}{'' if i == 0 else i}": c for i, c in enumerate(stage.callbacks())}
+    compiled = compile_choice(cfg, objective, data, *stages)
+    if any(stage.callbacks() for stage in stages):  # stages that train: they write the selection key
+        for c in callbacks.values():
+            if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
+                c.monitor = SELECTION_KEY  # select among the epochs every stage counts (final sparsity, quantized form)
+
+    output_root = Path(cfg.paths.output_root)
+    tracker = Tracker(
+        resolve_uri(cfg.tracking.uri, output_root),
+        cfg.tracking.experiment,
+        artifact_root=output_root / "mlartifacts",
+        enabled=rank_zero_only.rank == 0,
+    )
+    context = hydra_context()
+    name = cfg.tracking.run_name or _run_name(cfg, objective, context, *stages)
+    fingerprint_cfg = config_hash(cfg)
+    if cfg.resume and (done := tracker.finished_run(fingerprint_cfg)) is not None:
+        log.info("resume: skipping '%s', FINISHED as run %s", name, done.pop("run_id"))
+        return done
+    tags = {
+        "kd.role": "student",
+        "kd.objective": objective.describe(),
+        "kd.compression": " + ".join(stage.describe() for stage in stages) or "none",
+        "kd.config_hash": fingerprint_cfg,
+        **({"kd.paper": str(cfg.reproduce.paper), "kd.setting": str(cfg.reproduce.setting)} if cfg.get("reproduce", {}).get("paper") else {}),
+    }
+    with tracker.open_run(name, tags | context["tags"]) as run_id:
+        tracker.log_config(run_id, cfg)
+
+        # 2. The teacher: loaded, reused by fingerprint, or trained once here.
+        teacher = None
+        if build_teacher is not None:
+            teacher = _obtain_teacher(cfg, data, build_teacher, tracker, context)
+            tracker.set_tags(run_id, {
+                "kd.teacher_fingerprint": teacher.fingerprint,
+                "kd.teacher_source": teacher.source,
+                **({"kd.teacher_run_id": teacher.run_id} if teacher.run_id else {}),
+            })  # fmt: skip
+
+        if omit:  # the student's transfer set lacks these classes; the teacher saw them
+            data.train = drop_classes(data.train, omit)
+            tracker.set_tags(run_id, {"kd.omit_classes": ",".join(map(str, omit))})
+
+        # 3. The student's module and trainer; same seed whether or not a teacher was trained.
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = _student_module(cfg, objective, student, teacher, data, tracker, run_id, compiled)
+        trainer = make_trainer(cfg, list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
+        trainer.fit(module, datamodule=data)
+        checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+        best_path = checkpoint.best_model_path if checkpoint is not None else ""
+        final = {"val/acc_best": float(checkpoint.best_model_score if best_path else trainer.callback_metrics["val/acc"])}
+
+        # 4. Test the validation-selected epoch (Lightning logs test/acc into the run).
+        tested = trainer.test(module, datamodule=data, ckpt_path=best_path or None, verbose=False)[0]
+        teacher_acc = evaluate_accuracy(cfg, teacher.model, data) if teacher is not None else None
+        if rank_zero_only.rank != 0:
+            return final  # under DDP, rank zero alone measures and logs
+        if omit:
+            final.update(bias_correction(module.model, data, omit))
+
+        # 5. Each stage finalises in order (fold masks and thin, factorise, convert); measure; log, save.
+        extras: dict[str, Any] = {}
+        deployed = None
+        finishing = StageContext(
+            data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages,
+            measure=lambda model: measure_model(cfg, model, data),
+            test_accuracy=lambda model: accuracy(model.cpu().eval(), data.test.x, data.test.y),
+            finetune=lambda epochs, lr_scale: finetune(cfg, module, data, epochs, lr_scale),
+        )  # fmt: skip
+        for stage in stages:
+            result = stage.finalize(module.model, finishing)
+            module.model = result.model
+            final.update(result.metrics)
+            extras.update(result.extras)
+            for path in result.artifacts:
+                tracker.log_artifact(run_id, path)
+            if result.tags:
+                tracker.set_tags(run_id, result.tags)
+            if result.test_acc is not None:  # the stage changed the tested model (factorisation)
+                tested["test/acc"] = final["test/acc"] = result.test_acc
+            if result.deployed is not None:
+                deployed = result
+        final.update({f"model/{k}": v for k, v in measure_model(cfg, module.model, data).items()})
+        if deployed is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
+            final.update(quantized_metrics(cfg, module.model, deployed.deployed, data, final, float(tested["test/acc"])))
+            int8_path = save_weights(deployed.deployed, Path(cfg.paths.run_dir) / "student_int8.pt", deployed.deployed_extras)
+            tracker.log_artifact(run_id, int8_path)
+        if teacher is not None:
+            final["teacher/test_acc"] = teacher_acc
+            final.update({f"teacher/{k}": v for k, v in measure_model(cfg, teacher.model, data).items()})
+        final.update(summary_metrics(final))
+        tracker.log_metrics(run_id, final, step=trainer.global_step)
+        metrics = {"test/acc": float(tested["test/acc"]), **final}
+        tracker.log_artifact(run_id, save_weights(module.model, Path(cfg.paths.run_dir) / "student.pt", extras))
+        tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
+        print_summary(name, metrics, teacher, tracker)
+    return metrics
+
+
+# Trainer arguments that change what is shown, not what is trained (max_epochs: the teacher's own).
+_DISPLAY_ONLY = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "num_sanity_val_steps", "max_epochs"}
+
+
+def _obtain_teacher(
+    cfg: DictConfig, data: TensorDataModule, build: Any, tracker: Tracker, context: dict[str, Any]
+) -> Teacher:
+    tcfg = cfg.teacher
+    augment = data.augment if tcfg.get("augment") is None else bool(tcfg.augment)  # the teacher's own, if set
+    recipe = {
+        "model": OmegaConf.to_container(tcfg.model, resolve=True),
+        "data": _with_augment(data, augment, data.fingerprint) | {"batch_size": data.batch_size},
+        "seed": tcfg.seed,
+        "max_epochs": tcfg.max_epochs,
+        "optimizer": OmegaConf.to_container(tcfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(tcfg.scheduler, resolve=True) if tcfg.scheduler else None,
+        # everything in the trainer that changes the weights (limit_train_batches under
+        # trainer=debug, precision, devices and strategy: DDP changes the effective batch)
+        "trainer": {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _DISPLAY_ONLY},
+    }
+
+    def make_module(model: nn.Module) -> ClassifierModule:
+        scheduler = instantiate(tcfg.scheduler) if tcfg.scheduler else None
+        return ClassifierModule(model, data.num_classes, instantiate(tcfg.optimizer), scheduler, compile_model=bool(cfg.compile))
+
+    def train(module: ClassifierModule) -> tuple[dict[str, float], str | None]:
+        arch = context["choices"].get("model@teacher.model", type(module.model).__name__)
+        tags = {"kd.role": "teacher", "kd.fingerprint": recipe_fp, **context["tags"]}
+        with tracker.open_run(f"teacher {arch}", tags) as run_id:
+            tracker.log_params(run_id, {"teacher.fingerprint": recipe_fp} | {f"teacher.{k}": v for k, v in flatten(recipe).items()})
+            progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None)
+                        if not isinstance(c, ModelCheckpoint)]  # fmt: skip
+            trainer = make_trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
+            _with_augment(data, augment, lambda: trainer.fit(module, datamodule=data))
+            metrics = {"val/acc": float(trainer.callback_metrics["val/acc"])}
+            metrics["test/acc"] = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
+            tracker.log_metrics(run_id, {f"model/{k}": v for k, v in measure_model(cfg, module.model, data).items()})
+            return metrics, run_id or None
+
+    recipe_fp = fingerprint(recipe)
+    return obtain_teacher(
+        build=seeded(tcfg.seed, build),
+        recipe=recipe,
+        data=data,
+        cache_dir=Path(cfg.paths.teacher_cache),
+        checkpoint=tcfg.checkpoint,
+        allow_pickle=tcfg.allow_pickle,
+        train=train,
+        make_module=make_module,
+    )
+
+
+def _with_augment(data: TensorDataModule, augment: bool, call: Any) -> Any:
+    """``call()`` with the data's random augmentation switched to ``augment`` (the teacher's
+    ``teacher.augment``: Hinton et al.'s teacher trains on jittered images, the student not)."""
+    saved, data.augment = data.augment, augment
+    try:
+        return call()
+    finally:
+        data.augment = saved
+
+
+def _student_module(
+    cfg: DictConfig, objective: Any, student: nn.Module, teacher: Teacher | None,
+    data: TensorDataModule, tracker: Tracker, run_id: str, compiled: bool,
+) -> ClassifierModule:  # fmt: skip
+    scfg = cfg.student
+    common = {
+        "num_classes": data.num_classes,
+        "optimizer": instantiate(scfg.optimizer),
+        "scheduler": instantiate(scfg.scheduler) if scfg.scheduler else None,
+        "objective": objective,
+        "compile_model": compiled,
+        "log_steps": bool(cfg.log_steps),
+    }
+    if teacher is None:
+        return ClassifierModule(student, **common)
+    if not cfg.distill_cache:
+        cache, why = False, "distill_cache=false"
+    elif objective.needs_teacher_features:
+        cache, why = False, "the objective needs teacher features every step"
+    elif not objective.needs_teacher_logits:
+        cache, why = False, "the objective reads no teacher logits"
+    elif not data.deterministic_inputs:
+        cache, why = False, "random augmentation changes the inputs every epoch"
+    else:
+        cache, why = True, "inputs are deterministic"
+    mode = "cached" if cache else "online"
+    if rank_zero_only.rank == 0:
+        log.info("teacher logits: %s (%s)", mode, why)
+    tracker.set_tags(run_id, {"kd.teacher_logits": mode})
+    return DistillationModule(
+        student, teacher.model, input_shape=data.input_shape, teacher_inputs=data.train.x if cache else None,
+        num_samples=len(data.train.y), **common,
+    )
+
+
+def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any], *compression: Any) -> str:
+    choices = context["choices"]
+    student = choices.get("model@student.model", "student")
+    what = " + ".join([objective.describe(), *(c.describe() for c in compression if c is not None)])
+    if not objective.needs_teacher:
+        return f"{student} {what} seed={cfg.seed}"
+    teacher = choices.get("model@teacher.model", "teacher")
+    return f"{student}<-{teacher} {what} seed={cfg.seed}"
+
+
+def _optional(cfg: DictConfig, group: str) -> Any:
+    """The object of an optional group (``prune``, ``quantize``, ``factorize``), or None for its
+    ``none`` option. An experiment that sets keys of the group and a command line that picks
+    ``none`` (a baseline of the experiment: ``experiment=... prune=none``) leave keys without a
+    ``_target_``: they are ignored, and the log says which."""
+    node = cfg.get(group)
+    if not node:
+        return None
+    if "_target_" not in node:
+        log.warning("%s=none: ignoring %s", group, ", ".join(f"{group}.{k}" for k in node))
+        return None
+    return instantiate(node)
