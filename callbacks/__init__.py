@@ -10,7 +10,7 @@ from callbacks.lottery import LotteryTicket
 from callbacks.magnitude import MagnitudePruning
 from callbacks.quantization import PostTrainingQuantization, QuantizationAwareTraining, QuantizationCallback
 from callbacks.schedule import SparsitySchedule
-from callbacks.stage import REFUSED, SELECTION_KEY, CompressionStage, StageContext, StageResult, check_combination
+from callbacks.stage import REFUSED, SELECTION_KEY, CompressionStage, StageContext, StageResult, check_combination, in_order
 from callbacks.structured import StructuredPruning
 from callbacks.weight_quant import WeightQuantization
 
@@ -32,4 +32,5 @@ __all__ = [
     "WeightClustering",
     "WeightQuantization",
     "check_combination",
+    "in_order",
 ]

@@ -11,8 +11,7 @@ Torch-Pruning (structured) directly, with integer counts, and log through ``pl_m
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from fnmatch import fnmatch
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ from torch.nn.utils import prune
 
 from callbacks.schedule import SparsitySchedule
 from callbacks.stage import SELECTION_KEY, StageContext, StageResult, write_selection
-from kd.compression.layers import PRUNABLE, check_fraction, output_layer, select_layers  # noqa: F401  (re-exported)
-from kd.train.trainer import scale_learning_rate  # noqa: F401  (re-exported)
+from kd.tracking import keys
 
 class PruningCallback(Callback):
     """Base of the pruning callbacks: a ``CompressionStage`` (``callbacks/stage.py``).
@@ -52,6 +50,9 @@ class PruningCallback(Callback):
     def check(self, model: nn.Module, context: StageContext) -> None:
         self.check_layers(model, context.input_shape, context.max_epochs)
 
+    def prepare(self, model: nn.Module, context: StageContext) -> nn.Module:
+        return model  # acts while training and after it
+
     def callbacks(self) -> list[Callback]:
         return [self]
 
@@ -61,7 +62,7 @@ class PruningCallback(Callback):
     def finalize(self, model: nn.Module, context: StageContext) -> StageResult:
         dense = {}
         if context.measure is not None:  # masks folded in (and channels removed): measured against the dense model
-            dense = {f"dense/{k}": v for k, v in context.measure(self.dense_view(model)).items()}
+            dense = keys.prefixed(keys.DENSE, context.measure(self.dense_view(model)))
         folded = self.fold(model)
         return StageResult(folded, dense, self.artifacts(Path(context.run_dir)), self.saved_extras())
 
@@ -114,7 +115,7 @@ class PruningCallback(Callback):
         from keep-masks, once per epoch through Lightning (so they reach MLflow)."""
         kept = sum(int(m.sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
-        values = {f"model/sparsity/{name}": 1.0 - float(m.float().mean()) for name, m in masks.items()}
-        values["model/sparsity"] = 1.0 - kept / total
-        values["prune/at_target"] = float(self.at_target)
+        values = {keys.key(keys.MODEL, f"sparsity/{name}"): 1.0 - float(m.float().mean()) for name, m in masks.items()}
+        values[keys.key(keys.MODEL, "sparsity")] = 1.0 - kept / total
+        values[keys.key(keys.PRUNE, "at_target")] = float(self.at_target)
         pl_module.log_dict(values, on_step=False, on_epoch=True)

@@ -16,7 +16,8 @@ from torch.ao.quantization import fake_quantize as fq
 from torch.ao.quantization import observer as obs
 
 from callbacks.observers import EntropyObserver, PercentileObserver
-from kd.tracking.measure import accuracy, agreement, int8_ops  # noqa: F401  (re-exported: the int8 helpers live with measurement)
+from kd.tracking.measure import int8_ops
+from kd.train.checkpoint import rebuild_architecture
 
 BACKENDS = ("auto", "x86", "fbgemm", "qnnpack")
 OBSERVERS = {
@@ -103,9 +104,11 @@ def prepare_for_qat(model: nn.Module, recipe: dict[str, Any], example: torch.Ten
 
 def load_quantized(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> nn.Module:
     """Rebuild a saved int8 model: ``model`` is the float architecture of its config; the file
-    holds the int8 state dict and the recipe (loaded with ``weights_only=True``)."""
+    holds the int8 state dict, the recipe and what reshaped the float model before it was
+    quantized (removed channels, low-rank factors), loaded with ``weights_only=True``."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     recipe = saved[RECIPE_KEY]
+    model = rebuild_architecture(model, saved, input_shape, path)
     example = torch.zeros(2, *input_shape)
     if recipe["mode"] == "qat":
         model = prepare_for_qat(model, recipe, example[:1])

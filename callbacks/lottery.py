@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from callbacks.base import PruningCallback
+from kd.tracking import keys
 from kd.compression.layers import check_fraction, output_layer, select_layers
 
 REINIT = ("rewind", "random")
@@ -170,7 +171,7 @@ class LotteryTicket(PruningCallback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        acc = trainer.callback_metrics.get("val/acc")
+        acc = trainer.callback_metrics.get(keys.VAL_ACC)
         if acc is not None and not trainer.sanity_checking and float(acc) > self._best[0]:
             self._best = (float(acc), trainer.global_step - self._round_start_step)
 

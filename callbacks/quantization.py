@@ -43,9 +43,9 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from callbacks.qat_features import qat_feature_aliases
-from callbacks.stage import StageContext, StageResult, write_selection
-from callbacks.fx_quant import (BACKENDS, OBSERVERS, RECIPE_KEY, accuracy, calibration_batches, prepare_for_qat, quantize_model,
-                                resolve_backend)  # fmt: skip
+from callbacks.stage import THINNING, StageContext, StageResult, write_selection
+from callbacks.fx_quant import BACKENDS, OBSERVERS, RECIPE_KEY, calibration_batches, prepare_for_qat, quantize_model, resolve_backend
+from kd.tracking.measure import accuracy
 
 class QuantizationCallback(Callback):
     """Base of the quantization callbacks: a ``CompressionStage`` (``callbacks/stage.py``).
@@ -86,6 +86,9 @@ class QuantizationCallback(Callback):
     def check(self, model: nn.Module, context: StageContext) -> None:
         pruner = next((s for s in context.stages if s.group == "prune"), None)
         self.check_with(context.objective, pruner, model, context.input_shape)
+
+    def prepare(self, model: nn.Module, context: StageContext) -> nn.Module:
+        return model  # acts while training and after it
 
     def callbacks(self) -> list[Callback]:
         return [self]
@@ -190,13 +193,20 @@ class PostTrainingQuantization(QuantizationCallback):
 class QuantizationAwareTraining(QuantizationCallback):
     """Fake-quantized training, then int8 (``quantize=qat``).
 
+    After structured pruning the fake-quant graph cannot be prepared when fitting starts: the
+    channels go only when the pruner finalises. Then QAT is a fine-tuning phase of its own: the
+    thinned model is prepared, trained ``finetune_epochs`` more epochs at ``lr_scale`` times the
+    rate with the run's objective (distillation-aware), tested and converted.
+
     Args:
         per_channel, backend: as for PTQ.
-        freeze_observers_epoch: from this epoch on the ranges stop moving (None: never).
+        freeze_observers_epoch: from this epoch on the ranges stop moving (None: never); in the
+            fine-tuning phase after structured pruning, epochs count from its start.
         freeze_bn_epoch: from this epoch on BatchNorm uses its running statistics (None: never).
         bits: width of the weights, 2..8.
         activation_bits: width of the activations, 2..8 (None: as ``bits``). ``bits=4,
             activation_bits=8`` is the whitepaper's 4-bit-weights setting (Krishnamoorthi 2018).
+        finetune_epochs, lr_scale: the fine-tuning phase after structured pruning (unused otherwise).
     """
 
     mode = "qat"
@@ -205,8 +215,13 @@ class QuantizationAwareTraining(QuantizationCallback):
     prepares_graph = True
 
     def __init__(self, per_channel: bool = True, backend: str = "auto", freeze_observers_epoch: int | None = None,
-                 freeze_bn_epoch: int | None = None, bits: int = 8, activation_bits: int | None = None) -> None:  # fmt: skip
+                 freeze_bn_epoch: int | None = None, bits: int = 8, activation_bits: int | None = None,
+                 finetune_epochs: int = 2, lr_scale: float = 0.1) -> None:  # fmt: skip
         super().__init__(backend, per_channel)
+        if finetune_epochs < 1 or lr_scale <= 0:
+            raise ValueError(f"quantize.finetune_epochs must be >= 1 and quantize.lr_scale > 0, got {finetune_epochs}, {lr_scale}")
+        self.finetune_epochs, self.lr_scale = finetune_epochs, lr_scale
+        self.after_thinning = False  # set by check(): a structured pruner thins the model first
         for name, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
             if value is not None and value < 0:
                 raise ValueError(f"quantize.{name} must be >= 0 or null, got {value}")
@@ -235,6 +250,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         return f"{width} qat" + ("" if self.converts else " (simulated)")
 
     def check_with(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
+        self.after_thinning = pruner is not None and pruner.kind in THINNING
         if input_shape is not None and objective is not None and objective.needs_features:  # distillation-aware QAT
             example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
             qat_feature_aliases(model, prepare_for_qat(copy.deepcopy(model), self.recipe(), example), objective)
@@ -274,6 +290,22 @@ class QuantizationAwareTraining(QuantizationCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # training is over: the ranges are final, and no later forward pass may move them
         pl_module.model.apply(torch.ao.quantization.disable_observer)
+
+    def callbacks(self) -> list[Callback]:
+        return [] if self.after_thinning else [self]  # after thinning: in finalize's fine-tuning phase
+
+    def selectable(self, epoch: int) -> bool:
+        return self.after_thinning or super().selectable(epoch)
+
+    def finalize(self, model: nn.Module, context: StageContext) -> StageResult:
+        if not self.after_thinning:
+            return super().finalize(model, context)
+        assert context.finetune is not None and context.test_accuracy is not None
+        prepared = context.finetune(self.finetune_epochs, self.lr_scale, [self])  # setup() prepares the thinned model
+        result = super().finalize(prepared, context)
+        result.test_acc = context.test_accuracy(prepared)  # the fake-quant model replaces the tested float one
+        result.metrics["quant/qat_finetune_epochs"] = float(self.finetune_epochs)
+        return result
 
     def convert(self, model: nn.Module, data: Any) -> nn.Module:
         return quantize_model(model, self.recipe(), []) if self.converts else model

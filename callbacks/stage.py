@@ -4,15 +4,17 @@ declares, and the one model-selection rule that asks all of them.
 A run may configure one stage of each group (``prune``, ``factorize``, ``quantize``). The
 orchestrator (``kd.run.experiment``) only speaks this protocol:
 
-1. before anything trains: ``check(model, context)`` on every stage (layer names, schedules that
-   fit the epochs, bits), and ``check_combination`` on the stages together (the table below);
+1. before anything trains: ``check_combination`` on the stages together (the table below), then,
+   stage by stage in order, ``check(model, context)`` (layer names, schedules that fit the epochs,
+   bits) and ``prepare(model, context)``, the model the later stages and the training see
+   (factorisation at ``at=start`` reshapes it here; the others return it unchanged);
 2. the stages' ``callbacks()`` join the trainer, those with ``prepares_graph`` first (QAT's
    fake-quant graph is built before a pruner masks its modules);
 3. while training, the checkpoint callback selects among the epochs that every stage counts
    (``selectable(epoch)``: at the final sparsity, in the quantized form), through
    :data:`SELECTION_KEY`, written by :func:`write_selection`;
-4. after the test, ``finalize(model, context)`` of each stage in the configured order (prune,
-   factorize, quantize) returns a :class:`StageResult`: the model the next stage and the
+4. after the test, ``finalize(model, context)`` of each stage in order (:func:`in_order`: a stage
+   that reshapes before training first, then prune, factorize, quantize) returns a :class:`StageResult`: the model the next stage and the
    measurement see, its metrics, artifacts, what ``student.pt`` stores beside the weights, and
    optionally a separate deployable form (the int8 model), which the orchestrator measures
    against the float one.
@@ -31,31 +33,38 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from kd.tracking import keys
+
 # ModelCheckpoint monitors this key while a stage runs: val/acc in epochs every stage counts, 0 in
 # the others, so the selected epoch is never one of a denser or still-float model.
-SELECTION_KEY = "val/acc_at_target"
+SELECTION_KEY = keys.SELECTION
 
-KINDS = ("magnitude", "structured", "lottery", "svd", "ptq", "dynamic", "qat", "cluster", "binary", "log")
+KINDS = ("magnitude", "structured", "lottery", "svd", "svd@start", "ptq", "dynamic", "qat", "cluster", "binary", "log")
 PRUNERS = ("magnitude", "structured", "lottery")
+QUANTIZERS = ("ptq", "dynamic", "qat", "cluster", "binary", "log")
+BEFORE_TRAINING = ("svd@start",)  # kinds that reshape the student before it trains: they come first
+THINNING = ("structured",)  # stages that remove channels when they finalise: a later QAT fine-tunes the thinned model
 
 _PRUNE_THEN_LOW_BIT = ("binary weights have no zeros and the pruning masks act on the latent weights; "
                        "use quantize=cluster after pruning")  # fmt: skip
-_QAT_AFTER = ("unstructured pruning (prune=magnitude|agp|iterative) trains inside the fake-quant graph; for "
-              "structured or lottery pruning prune first and use quantize=ptq on the result")  # fmt: skip
-_SVD_PRUNE = "both reshape the model (use one of them)"
+_QAT_AFTER = ("every round rewinds the weights, and a QAT fine-tune after the last one would regrow the pruned "
+              "ones; use quantize=ptq on the ticket")  # fmt: skip
+_SVD_PRUNE = ("factorising after pruning would fill the pruned weights back in; factorise first and prune the "
+              "factors: factorize.at=start")  # fmt: skip
 _SVD_QUANT = "only post-training quantization (quantize=ptq or dynamic) of the fine-tuned factorised model"
 
 # (earlier stage's kind, later stage's kind) -> the reason the pair is refused before training.
 # Every pair not listed works (docs/compression.md has the whole table).
 REFUSED: dict[tuple[str, str], str] = {
-    ("structured", "qat"): f"quantize=qat with StructuredPruning is not supported: {_QAT_AFTER}",
     ("lottery", "qat"): f"quantize=qat with LotteryTicket is not supported: {_QAT_AFTER}",
     ("lottery", "cluster"): ("quantize=cluster with LotteryTicket is not supported: every round rewinds the weights, and with "
                              "them the cluster assignment; cluster the ticket in a second run: quantize=cluster "
                              "student.init_checkpoint=<the ticket's student.pt> (its zeros stay a cluster of their own)"),
     **{(p, q): f"quantize={q} with pruning is not supported: {_PRUNE_THEN_LOW_BIT}" for p in PRUNERS for q in ("binary", "log")},
     **{(p, "svd"): f"factorize with prune is not supported: {_SVD_PRUNE}" for p in PRUNERS},
-    **{("svd", q): f"factorize with quantize={q} is not supported: {_SVD_QUANT}" for q in ("qat", "cluster", "binary", "log")},
+    **{(f, q): f"factorize with quantize={q} is not supported: {_SVD_QUANT}" for f in ("svd", "svd@start") for q in ("qat", "cluster", "binary", "log")},
+    ("svd@start", "lottery"): ("prune=lottery with factorize.at=start is not supported: every round re-initialises the "
+                               "dense architecture, not the factorised one (use prune=magnitude or structured)"),
 }
 
 
@@ -71,8 +80,10 @@ class StageContext:
         stages: every configured stage, in finalisation order.
         measure: the run's measurement of a model (``model/*`` keys without the prefix).
         test_accuracy: test accuracy of a model on the CPU.
-        finetune: fine-tune the student in place for ``epochs`` at ``lr_scale`` times the rate,
-            with the run's objective (factorisation); None before training.
+        finetune: ``finetune(epochs, lr_scale, callbacks=())`` fine-tunes the student for
+            ``epochs`` at ``lr_scale`` times the rate with the run's objective and the stage's own
+            callbacks, and returns the trained model (factorisation; QAT after thinning); None
+            before training.
     """
 
     data: Any
@@ -82,7 +93,7 @@ class StageContext:
     stages: Sequence[CompressionStage] = ()
     measure: Callable[[nn.Module], dict[str, float]] | None = None
     test_accuracy: Callable[[nn.Module], float] | None = None
-    finetune: Callable[[int, float], None] | None = None
+    finetune: Callable[..., nn.Module] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -118,6 +129,8 @@ class CompressionStage(Protocol):
 
     def check(self, model: nn.Module, context: StageContext) -> None: ...
 
+    def prepare(self, model: nn.Module, context: StageContext) -> nn.Module: ...  # before training; most: model
+
     def callbacks(self) -> list[pl.Callback]: ...
 
     def selectable(self, epoch: int) -> bool: ...
@@ -138,7 +151,7 @@ def write_selection(trainer: pl.Trainer) -> None:
     """The one model-selection rule: :data:`SELECTION_KEY` is ``val/acc`` in an epoch every stage
     among the trainer's callbacks counts, 0 in the others. Each stage calls it at validation end
     (the value does not depend on which calls it, or in which order)."""
-    acc = trainer.callback_metrics.get("val/acc")
+    acc = trainer.callback_metrics.get(keys.VAL_ACC)
     if acc is None or trainer.sanity_checking:
         return
     stages = [c for c in trainer.callbacks if isinstance(c, CompressionStage)]
@@ -146,20 +159,35 @@ def write_selection(trainer: pl.Trainer) -> None:
     trainer.callback_metrics[SELECTION_KEY] = acc.clone() if counts else torch.zeros_like(acc)
 
 
-GROUPS = {"prune": PRUNERS, "factorize": ("svd",), "quantize": ("ptq", "dynamic", "qat", "cluster", "binary", "log")}
+GROUPS = {"prune": PRUNERS, "factorize": ("svd", "svd@start"), "quantize": QUANTIZERS}
+# every (earlier, later) pair a run can configure, by table: (earlier group, its kinds, later group, its kinds)
+SECTIONS = (
+    ("prune", PRUNERS, "quantize", QUANTIZERS),
+    ("prune", PRUNERS, "factorize", ("svd",)),
+    ("factorize", ("svd@start",), "prune", PRUNERS),
+    ("factorize", ("svd", "svd@start"), "quantize", QUANTIZERS),
+)
+PAIRS = [(a, b) for _, earlier, _, later in SECTIONS for a in earlier for b in later]
+
+
+def in_order(stages: Sequence[CompressionStage]) -> list[CompressionStage]:
+    """The order stages check, prepare and finalise in: a stage that reshapes the student before
+    training (:data:`BEFORE_TRAINING`) first, then prune, factorize, quantize."""
+    rank = {"prune": 1, "factorize": 2, "quantize": 3}
+    return sorted(stages, key=lambda s: 0 if s.kind in BEFORE_TRAINING else rank[s.group])
 
 
 def combination_table() -> str:
-    """Markdown: every pair of stages a run can configure (one per group, finalised prune ->
-    factorize -> quantize), and whether it works or why it is refused (from :data:`REFUSED`)."""
+    """Markdown: every pair of stages a run can configure (one per group, in :func:`in_order`),
+    and whether it works or why it is refused (from :data:`REFUSED`)."""
 
     def cell(earlier: str, later: str) -> str:
         reason = REFUSED.get((earlier, later))
         return "works" if reason is None else "refused: " + reason.split(": ", 1)[1].replace("|", "\\|")
 
     lines = []
-    for first, second in (("prune", "quantize"), ("prune", "factorize"), ("factorize", "quantize")):
-        lines += [f"| {first} \\ {second} | " + " | ".join(GROUPS[second]) + " |", "|---" * (len(GROUPS[second]) + 1) + "|"]
-        lines += [f"| {a} | " + " | ".join(cell(a, b) for b in GROUPS[second]) + " |" for a in GROUPS[first]]
+    for first, earlier, second, later in SECTIONS:
+        lines += [f"| {first} \\ {second} | " + " | ".join(later) + " |", "|---" * (len(later) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(cell(a, b) for b in later) + " |" for a in earlier]
         lines.append("")
     return "\n".join(lines)

@@ -16,12 +16,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from kd.analysis.report import load_runs
+from kd.tracking import keys
 from kd.tracking.tracker import resolve_uri
 
 # measurements copied onto the model version as tags
-TAGS = ("test/acc", "val/acc_best", "model/params", "model/nonzero_params", "model/size_bytes",
-        "model/size_bytes_zip", "model/macs", "model/latency_ms_b1", "model/latency_ms_b256",
-        "model/compression_ratio", "prune/param_reduction", "prune/nonzero_reduction")  # fmt: skip
+TAGS = (keys.TEST_ACC, keys.VAL_ACC_BEST,
+        *(keys.key(keys.MODEL, name) for name in (keys.PARAMS, keys.NONZERO, keys.SIZE, keys.SIZE_ZIP, keys.MACS,
+                                                  keys.LATENCY + "1", keys.LATENCY + "256")),
+        keys.COMPRESSION_RATIO, keys.key(keys.PRUNE, "param_reduction"), keys.key(keys.PRUNE, "nonzero_reduction"))  # fmt: skip
 
 
 def best_run(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kd.analysis.plots import SIZES, curves, heatmap, pareto, tradeoff
+from kd.tracking import keys
 from kd.tracking.tracker import resolve_uri
 
 __all__ = ["curves", "heatmap", "load_runs", "main", "pareto", "summarise", "tradeoff"]
@@ -30,10 +31,10 @@ __all__ = ["curves", "heatmap", "load_runs", "main", "pareto", "summarise", "tra
 COLUMNS = ["run_id", "name", "status", "objective", "compression", "temperature", "alpha", "seed",
            "val/acc_best", "val/acc_last", "test/acc", "params", "nonzero_params", "size_bytes_zip", "latency_ms_b256",
            "compression_ratio", "teacher/test_acc"]  # fmt: skip
-METRICS = {"val/acc_best": "val/acc_best", "val/acc_last": "val/acc", "test/acc": "test/acc", "params": "model/params",
-           "nonzero_params": "model/nonzero_params", "size_bytes_zip": "model/size_bytes_zip",
-           "latency_ms_b256": "model/latency_ms_b256",
-           "compression_ratio": "model/compression_ratio", "teacher/test_acc": "teacher/test_acc"}  # fmt: skip
+# column -> the metric key it reads
+METRICS = {"val/acc_best": keys.VAL_ACC_BEST, "val/acc_last": keys.VAL_ACC, "test/acc": keys.TEST_ACC,
+           **{name: keys.key(keys.MODEL, name) for name in (keys.PARAMS, keys.NONZERO, keys.SIZE_ZIP, keys.LATENCY + "256")},
+           "compression_ratio": keys.COMPRESSION_RATIO, "teacher/test_acc": keys.TEACHER_TEST_ACC}  # fmt: skip
 NOTE = ("model selection used validation only; test accuracy is that of the validation-selected "
         "epoch (for pruned runs: the best epoch at the final sparsity); val acc is given for that "
         "epoch and for the last one; std is the population std (ddof=0) over seeds")  # fmt: skip

@@ -3,11 +3,15 @@ config values that no class owns (seeds, epoch counts, a trainer's keys), run be
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+
+from kd.tracking.keys import flatten
 
 
 def _epoch(total: int, fraction: float) -> int:
@@ -50,3 +54,15 @@ def check_keys(node: DictConfig) -> None:
     unknown = sorted(set(node) - set(params) - {"_target_", "_partial_", "_convert_", "_recursive_"})
     if unknown:
         raise TypeError(f"{node._target_} has no argument(s) {unknown}; valid: {sorted(params)}")
+
+
+# Config keys that decide where and how visibly a job runs, not what it computes.
+_NOT_RESULTS = ("paths", "tracking", "resume", "callbacks.progress", "trainer.enable_progress_bar")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config without output locations and display switches: two jobs
+    with equal hashes compute the same thing (what ``resume=true`` skips on)."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=False))
+    kept = {k: v for k, v in flat.items() if not k.startswith(_NOT_RESULTS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]

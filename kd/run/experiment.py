@@ -18,19 +18,21 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from callbacks import SELECTION_KEY, CompressionStage, PruningCallback, StageContext, check_combination
-from kd.train.checkpoint import load_weights, save_weights
-from kd.run.config import check_counts, check_keys
-from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
+from callbacks import CompressionStage, PruningCallback, StageContext, check_combination, in_order
 from kd.data import TensorDataModule
 from kd.run.compress import finetune, quantized_metrics
+from kd.run.config import check_counts, check_keys, config_hash
+from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.run.omitted import bias_correction, drop_classes, omitted_classes
-from kd.tracking.measure import accuracy
-from kd.train.modules import ClassifierModule, DistillationModule
 from kd.run.summary import print_summary, summary_metrics
-from kd.train.teacher import Teacher, fingerprint, obtain_teacher, seeded
-from kd.tracking.tracker import Tracker, config_hash, flatten, hydra_context, resolve_uri
-from kd.train.trainer import compile_choice, evaluate_accuracy, make_trainer, measure_model
+from kd.tracking import keys
+from kd.tracking.measure import Measurement, accuracy
+from kd.tracking.tracker import Tracker, hydra_context, resolve_uri
+from kd.train.checkpoint import load_weights, save_weights
+from kd.train.modules import ClassifierModule, DistillationModule
+from kd.run.teacher_step import obtain as obtain_teacher
+from kd.train.teacher import Teacher, seeded
+from kd.train.trainer import Trainers, compile_choice
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +57,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
         train_size = len(drop_classes(data.train, omit).y) if omit else len(data.train.y)
         prepare = partial(objective.prepare, student, build_teacher(), data.input_shape, data.num_classes, train_size)
         seeded(cfg.seed, prepare)()  # the terms' own parameters (regressors, heads) from the run's seed
-    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
+    trainers = Trainers(
+        OmegaConf.to_container(cfg.trainer, resolve=True),
+        {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None},  # the one instantiation
+    )
+    measurement = Measurement(int(cfg.measure.large_batch), bool(cfg.measure.latency))
+    callbacks = trainers.callbacks()
     pruner: PruningCallback | None = _optional(cfg, "prune")
     if pruner is not None:
         pruner.build_model = build_student  # lottery tickets' random re-initialisation
-    stages: list[CompressionStage] = [s for s in (pruner, _optional(cfg, "factorize"), _optional(cfg, "quantize")) if s is not None]
+    stages: list[CompressionStage] = in_order([s for s in (pruner, _optional(cfg, "factorize"), _optional(cfg, "quantize")) if s])
     check_combination(stages)  # pairs that do not combine, before any training
-    checks = StageContext(data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages)
-    for stage in stages:
-        stage.check(student, checks)  # layer names, amounts, schedules, bits, before any training
+    checks = StageContext(data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages,
+                          measure=lambda model: measurement(model, data.input_shape))  # fmt: skip
+    for stage in stages:  # layer names, amounts, schedules, bits, before any training, on the model each will see
+        stage.check(student, checks)
+        student = stage.prepare(student, checks)
     first = [s for s in stages if s.prepares_graph]  # QAT's graph first, a pruner's masks on it
     for stage in first + [s for s in stages if not s.prepares_graph]:
         callbacks |= {f"{stage.group}{'' if i == 0 else i}": c for i, c in enumerate(stage.callbacks())}
-    compiled = compile_choice(cfg, objective, data, *stages)
+    compiled = compile_choice(bool(cfg.get("compile", False)), objective, data, *stages)
     if any(stage.callbacks() for stage in stages):  # stages that train: they write the selection key
         for c in callbacks.values():
-            if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc":
-                c.monitor = SELECTION_KEY  # select among the epochs every stage counts (final sparsity, quantized form)
+            if isinstance(c, ModelCheckpoint) and c.monitor == keys.VAL_ACC:
+                c.monitor = keys.SELECTION  # select among the epochs every stage counts (final sparsity, quantized form)
 
     output_root = Path(cfg.paths.output_root)
     tracker = Tracker(
@@ -94,12 +103,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         **({"kd.paper": str(cfg.reproduce.paper), "kd.setting": str(cfg.reproduce.setting)} if cfg.get("reproduce", {}).get("paper") else {}),
     }
     with tracker.open_run(name, tags | context["tags"]) as run_id:
-        tracker.log_config(run_id, cfg)
+        tracker.log_config(run_id, OmegaConf.to_container(cfg, resolve=True))
 
         # 2. The teacher: loaded, reused by fingerprint, or trained once here.
         teacher = None
         if build_teacher is not None:
-            teacher = _obtain_teacher(cfg, data, build_teacher, tracker, context)
+            teacher = obtain_teacher(cfg, trainers, measurement, data, build_teacher, tracker, context)
             tracker.set_tags(run_id, {
                 "kd.teacher_fingerprint": teacher.fingerprint,
                 "kd.teacher_source": teacher.source,
@@ -113,15 +122,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # 3. The student's module and trainer; same seed whether or not a teacher was trained.
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = _student_module(cfg, objective, student, teacher, data, tracker, run_id, compiled)
-        trainer = make_trainer(cfg, list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
+        trainer = trainers.build(list(callbacks.values()), tracker.lightning_logger(run_id), cfg.trainer.max_epochs)
         trainer.fit(module, datamodule=data)
         checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
-        final = {"val/acc_best": float(checkpoint.best_model_score if best_path else trainer.callback_metrics["val/acc"])}
+        final = {keys.VAL_ACC_BEST: float(checkpoint.best_model_score if best_path else trainer.callback_metrics[keys.VAL_ACC])}
 
         # 4. Test the validation-selected epoch (Lightning logs test/acc into the run).
         tested = trainer.test(module, datamodule=data, ckpt_path=best_path or None, verbose=False)[0]
-        teacher_acc = evaluate_accuracy(cfg, teacher.model, data) if teacher is not None else None
+        teacher_acc = trainers.test_accuracy(teacher.model, data) if teacher is not None else None
         if rank_zero_only.rank != 0:
             return final  # under DDP, rank zero alone measures and logs
         if omit:
@@ -132,100 +141,44 @@ def run(cfg: DictConfig) -> dict[str, float]:
         deployed = None
         finishing = StageContext(
             data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages,
-            measure=lambda model: measure_model(cfg, model, data),
+            measure=lambda model: measurement(model, data.input_shape),
             test_accuracy=lambda model: accuracy(model.cpu().eval(), data.test.x, data.test.y),
-            finetune=lambda epochs, lr_scale: finetune(cfg, module, data, epochs, lr_scale),
+            finetune=lambda epochs, lr_scale, extra=(): finetune(trainers, module, data, epochs, lr_scale, extra),
         )  # fmt: skip
+        reshaped_by = None  # the first stage that measured the student before changing it (dense/*)
         for stage in stages:
             result = stage.finalize(module.model, finishing)
             module.model = result.model
-            final.update(result.metrics)
+            dense = {k: v for k, v in result.metrics.items() if k.startswith(keys.DENSE + "/")}
+            if dense and reshaped_by is None:
+                reshaped_by = stage.group
+                final.update(dense)
+            final.update({k: v for k, v in result.metrics.items() if k not in dense})
             extras.update(result.extras)
             for path in result.artifacts:
                 tracker.log_artifact(run_id, path)
             if result.tags:
                 tracker.set_tags(run_id, result.tags)
             if result.test_acc is not None:  # the stage changed the tested model (factorisation)
-                tested["test/acc"] = final["test/acc"] = result.test_acc
+                tested[keys.TEST_ACC] = final[keys.TEST_ACC] = result.test_acc
             if result.deployed is not None:
                 deployed = result
-        final.update({f"model/{k}": v for k, v in measure_model(cfg, module.model, data).items()})
+        final.update(keys.prefixed(keys.MODEL, measurement(module.model, data.input_shape)))
         if deployed is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
-            final.update(quantized_metrics(cfg, module.model, deployed.deployed, data, final, float(tested["test/acc"])))
-            int8_path = save_weights(deployed.deployed, Path(cfg.paths.run_dir) / "student_int8.pt", deployed.deployed_extras)
+            final.update(quantized_metrics(measurement, module.model, deployed.deployed, data, final, float(tested[keys.TEST_ACC])))
+            int8_extras = extras | deployed.deployed_extras  # the reshaping (channels, factors) and the recipe
+            int8_path = save_weights(deployed.deployed, Path(cfg.paths.run_dir) / "student_int8.pt", int8_extras)
             tracker.log_artifact(run_id, int8_path)
         if teacher is not None:
-            final["teacher/test_acc"] = teacher_acc
-            final.update({f"teacher/{k}": v for k, v in measure_model(cfg, teacher.model, data).items()})
-        final.update(summary_metrics(final))
+            final[keys.TEACHER_TEST_ACC] = teacher_acc
+            final.update(keys.prefixed(keys.TEACHER, measurement(teacher.model, data.input_shape)))
+        final.update(summary_metrics(final, reshaped_by))
         tracker.log_metrics(run_id, final, step=trainer.global_step)
-        metrics = {"test/acc": float(tested["test/acc"]), **final}
+        metrics = {keys.TEST_ACC: float(tested[keys.TEST_ACC]), **final}
         tracker.log_artifact(run_id, save_weights(module.model, Path(cfg.paths.run_dir) / "student.pt", extras))
         tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
         print_summary(name, metrics, teacher, tracker)
     return metrics
-
-
-# Trainer arguments that change what is shown, not what is trained (max_epochs: the teacher's own).
-_DISPLAY_ONLY = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "num_sanity_val_steps", "max_epochs"}
-
-
-def _obtain_teacher(
-    cfg: DictConfig, data: TensorDataModule, build: Any, tracker: Tracker, context: dict[str, Any]
-) -> Teacher:
-    tcfg = cfg.teacher
-    augment = data.augment if tcfg.get("augment") is None else bool(tcfg.augment)  # the teacher's own, if set
-    recipe = {
-        "model": OmegaConf.to_container(tcfg.model, resolve=True),
-        "data": _with_augment(data, augment, data.fingerprint) | {"batch_size": data.batch_size},
-        "seed": tcfg.seed,
-        "max_epochs": tcfg.max_epochs,
-        "optimizer": OmegaConf.to_container(tcfg.optimizer, resolve=True),
-        "scheduler": OmegaConf.to_container(tcfg.scheduler, resolve=True) if tcfg.scheduler else None,
-        # everything in the trainer that changes the weights (limit_train_batches under
-        # trainer=debug, precision, devices and strategy: DDP changes the effective batch)
-        "trainer": {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _DISPLAY_ONLY},
-    }
-
-    def make_module(model: nn.Module) -> ClassifierModule:
-        scheduler = instantiate(tcfg.scheduler) if tcfg.scheduler else None
-        return ClassifierModule(model, data.num_classes, instantiate(tcfg.optimizer), scheduler, compile_model=bool(cfg.compile))
-
-    def train(module: ClassifierModule) -> tuple[dict[str, float], str | None]:
-        arch = context["choices"].get("model@teacher.model", type(module.model).__name__)
-        tags = {"kd.role": "teacher", "kd.fingerprint": recipe_fp, **context["tags"]}
-        with tracker.open_run(f"teacher {arch}", tags) as run_id:
-            tracker.log_params(run_id, {"teacher.fingerprint": recipe_fp} | {f"teacher.{k}": v for k, v in flatten(recipe).items()})
-            progress = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c is not None)
-                        if not isinstance(c, ModelCheckpoint)]  # fmt: skip
-            trainer = make_trainer(cfg, progress, tracker.lightning_logger(run_id), tcfg.max_epochs, enable_checkpointing=False)
-            _with_augment(data, augment, lambda: trainer.fit(module, datamodule=data))
-            metrics = {"val/acc": float(trainer.callback_metrics["val/acc"])}
-            metrics["test/acc"] = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
-            tracker.log_metrics(run_id, {f"model/{k}": v for k, v in measure_model(cfg, module.model, data).items()})
-            return metrics, run_id or None
-
-    recipe_fp = fingerprint(recipe)
-    return obtain_teacher(
-        build=seeded(tcfg.seed, build),
-        recipe=recipe,
-        data=data,
-        cache_dir=Path(cfg.paths.teacher_cache),
-        checkpoint=tcfg.checkpoint,
-        allow_pickle=tcfg.allow_pickle,
-        train=train,
-        make_module=make_module,
-    )
-
-
-def _with_augment(data: TensorDataModule, augment: bool, call: Any) -> Any:
-    """``call()`` with the data's random augmentation switched to ``augment`` (the teacher's
-    ``teacher.augment``: Hinton et al.'s teacher trains on jittered images, the student not)."""
-    saved, data.augment = data.augment, augment
-    try:
-        return call()
-    finally:
-        data.augment = saved
 
 
 def _student_module(

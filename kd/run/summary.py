@@ -8,40 +8,27 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from kd.tracking import keys
+
 if TYPE_CHECKING:
     from kd.train.teacher import Teacher
     from kd.tracking.tracker import Tracker
 
 
-def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Ratios teacher / student, when there is a teacher, and dense / pruned (``prune/*``) or
-    dense / factorised (``factorize/*``) student: how much smaller and faster."""
-    stage = "factorize" if "factorize/test_acc_before" in metrics else "prune"
-    ratios = _reduction_ratios(metrics, stage) if "dense/params" in metrics else {}
-    if "quant/size_bytes_coded" in metrics:  # 32-bit parameters vs their compact encoding (no file overhead in either)
-        ratios["quant/coded_reduction"] = 4 * metrics["model/params"] / metrics["quant/size_bytes_coded"]
-    if "teacher/params" not in metrics:
+def summary_metrics(metrics: dict[str, float], reshaped_by: str | None) -> dict[str, float]:
+    """Ratios teacher / student, when there is a teacher, and dense / compressed student for the
+    stage that measured the dense one (``reshaped_by``: ``prune`` or ``factorize``, None when no
+    stage did): how much smaller and faster."""
+    ratios = keys.reduction_ratios(metrics, reshaped_by) if reshaped_by is not None else {}
+    coded = keys.key(keys.QUANT, "size_bytes_coded")
+    if coded in metrics:  # 32-bit parameters vs their compact encoding (no file overhead in either)
+        ratios[keys.key(keys.QUANT, "coded_reduction")] = 4 * metrics[keys.key(keys.MODEL, keys.PARAMS)] / metrics[coded]
+    teacher, model = (lambda name: metrics[keys.key(keys.TEACHER, name)]), (lambda name: metrics[keys.key(keys.MODEL, name)])
+    if keys.key(keys.TEACHER, keys.PARAMS) not in metrics:
         return ratios
-    ratios |= {
-        "model/compression_ratio": metrics["teacher/params"] / metrics["model/params"],
-        "model/size_ratio": metrics["teacher/size_bytes"] / metrics["model/size_bytes"],
-    }
-    if metrics.get("model/macs"):
-        ratios["model/macs_ratio"] = metrics["teacher/macs"] / metrics["model/macs"]
-    return ratios
-
-
-def _reduction_ratios(metrics: dict[str, float], stage: str) -> dict[str, float]:
-    ratios = {
-        f"{stage}/param_reduction": metrics["dense/params"] / metrics["model/params"],
-        f"{stage}/nonzero_reduction": metrics["dense/params"] / max(metrics["model/nonzero_params"], 1),
-        f"{stage}/size_reduction_zip": metrics["dense/size_bytes"] / metrics["model/size_bytes_zip"],
-        f"{stage}/size_reduction_sparse": metrics["dense/size_bytes"] / metrics["model/size_bytes_sparse"],
-    }
-    if metrics.get("model/macs"):
-        ratios[f"{stage}/mac_reduction"] = metrics["dense/macs"] / metrics["model/macs"]
-    for key in [k for k in metrics if k.startswith("dense/latency_ms_b")]:
-        ratios[f"{stage}/speedup_{key.rsplit('_', 1)[1]}"] = metrics[key] / metrics[key.replace("dense/", "model/")]
+    ratios |= {keys.COMPRESSION_RATIO: teacher(keys.PARAMS) / model(keys.PARAMS), keys.SIZE_RATIO: teacher(keys.SIZE) / model(keys.SIZE)}
+    if metrics.get(keys.key(keys.MODEL, keys.MACS)):
+        ratios[keys.MACS_RATIO] = teacher(keys.MACS) / model(keys.MACS)
     return ratios
 
 
@@ -57,7 +44,7 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
     rows = [("student", "")] + ([("teacher", "teacher/")] if teacher is not None else [])
     for label, prefix in rows:
         key = prefix or "model/"
-        acc = metrics["test/acc"] if not prefix else metrics["teacher/test_acc"]
+        acc = metrics[keys.TEST_ACC] if not prefix else metrics[keys.TEACHER_TEST_ACC]
         table.add_row(
             label if not prefix else f"teacher ({teacher.source})",
             f"{acc:.2%}",
@@ -82,8 +69,8 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
             f"{metrics['prune/param_reduction']:.2f}x fewer parameters, {metrics['prune/nonzero_reduction']:.2f}x fewer "
             f"non-zeros, {metrics['prune/size_reduction_zip']:.2f}x smaller zipped"
             + (
-                f", {metrics['prune/mac_reduction']:.2f}x fewer MACs, {speedup:.2f}x faster at the large batch"
-                if metrics["prune/param_reduction"] > 1 and speedup and "prune/mac_reduction" in metrics
+                f", {metrics['prune/mac_reduction']:.2f}x fewer MACs" + (f", {speedup:.2f}x faster at the large batch" if speedup else "")
+                if metrics["prune/param_reduction"] > 1 and "prune/mac_reduction" in metrics
                 else " (masks: same shapes, MACs and speed as dense)"
             )
         )
@@ -92,9 +79,12 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
         console.print(
             f"low-rank: {int(metrics['factorize/layers'])} layers factorised, {metrics['factorize/param_reduction']:.2f}x fewer "
             f"parameters" + (f", {metrics['factorize/mac_reduction']:.2f}x fewer MACs" if "factorize/mac_reduction" in metrics else "")
+            + (f", {metrics['factorize/nonzero_reduction']:.2f}x fewer non-zeros (pruned factors)"
+               if metrics["factorize/nonzero_reduction"] > 1.01 * metrics["factorize/param_reduction"] else "")
             + (f", {speedup:.2f}x faster at the large batch" if speedup else "")
-            + f"; test acc {metrics['factorize/test_acc_before']:.2%} before, {metrics['factorize/test_acc_truncated']:.2%} "
-            f"truncated, {metrics['test/acc']:.2%} fine-tuned"
+            + (f"; test acc {metrics['factorize/test_acc_before']:.2%} before, {metrics['factorize/test_acc_truncated']:.2%} "
+               f"truncated, {metrics['test/acc']:.2%} fine-tuned" if "factorize/test_acc_before" in metrics
+               else " before training (the factorised model trained)")
         )
     if "quant/bits" in metrics:
         acts = int(metrics.get("quant/activation_bits", metrics["quant/bits"]))

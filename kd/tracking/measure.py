@@ -16,6 +16,7 @@ import io
 import math
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -125,6 +126,21 @@ def measure_quantized(model: nn.Module, input_shape: tuple[int, ...], large_batc
         result["latency_ms_b1"] = latency_ms(model, input_shape, 1)
         result[f"latency_ms_b{large_batch}"] = latency_ms(model, input_shape, large_batch)
     return result
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """How a run measures its models (``cfg.measure``): the large batch of the throughput
+    latency, and whether latency is timed at all (it is the slow and noisy part)."""
+
+    large_batch: int = 256
+    latency: bool = True
+
+    def __call__(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+        return measure(model, input_shape, self.large_batch, self.latency)
+
+    def quantized(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+        return measure_quantized(model, input_shape, self.large_batch, self.latency)
 
 
 @contextlib.contextmanager

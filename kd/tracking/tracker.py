@@ -11,7 +11,6 @@ Every run this module opens ends FINISHED, or FAILED with the reason in the tag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,26 +29,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
+
+from kd.tracking.keys import flatten
 
 log = logging.getLogger(__name__)
 
 
 _REPRODUCE_PARAMS = ("reproduce.paper", "reproduce.setting")
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}`` (lists stay whole)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def resolve_uri(uri: str | None, output_root: Path) -> str:
@@ -178,11 +167,10 @@ class Tracker:
         for start in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=entries[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def log_config(self, run_id: str, cfg: DictConfig) -> None:
-        """The resolved config: flattened into params, and whole as ``config.yaml``."""
+    def log_config(self, run_id: str, container: dict[str, Any]) -> None:
+        """The resolved config (a plain container): flattened into params, and whole as ``config.yaml``."""
         if not self.enabled:
             return
-        container = OmegaConf.to_container(cfg, resolve=True)
         # a reproduce block's paper facts (rows, claims) describe the paper, not the run: the
         # run keeps reproduce.paper and reproduce.setting (also tags), config.yaml keeps all
         params = {k: v for k, v in flatten(container).items() if not k.startswith("reproduce.") or k in _REPRODUCE_PARAMS}
@@ -233,18 +221,6 @@ class Tracker:
         beside = Path(sys.executable).parent / "mlflow"  # the virtualenv's own mlflow, if any
         telemetry = "MLFLOW_DISABLE_TELEMETRY=true " if os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true" else ""
         return f"{telemetry}{beside if beside.exists() else 'mlflow'} ui --backend-store-uri {self.uri}"
-
-
-# Config keys that decide where and how visibly a job runs, not what it computes.
-_NOT_RESULTS = ("paths", "tracking", "resume", "callbacks.progress", "trainer.enable_progress_bar")
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """sha256 of the resolved config without output locations and display switches: two jobs
-    with equal hashes compute the same thing (what ``resume=true`` skips on)."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=False))
-    kept = {k: v for k, v in flat.items() if not k.startswith(_NOT_RESULTS)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def hydra_context() -> dict[str, Any]:

@@ -92,17 +92,24 @@ def load_weights(
     """
     obj = _load(path, allow_pickle)
     state, extras = _state_dict(obj, path), obj if isinstance(obj, dict) else {}
-    pruned = extras.get(PRUNED_KEY, {})
-    if FACTORIZED_KEY in extras:  # a low-rank model: rebuild its two-layer factors first
-        LowRank.apply_ranks(model, extras[FACTORIZED_KEY])
-    if pruned:
-        if input_shape is None:
-            raise ValueError(f"{path} holds a physically pruned model: loading it needs the input shape")
-        remove_channels(model, pruned, input_shape)
+    rebuild_architecture(model, extras, input_shape, path)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{path} does not fit {type(model).__name__}: missing keys {result.missing_keys[:8]}, "
             f"unexpected keys {result.unexpected_keys[:8]}. Does the architecture config match the checkpoint?"
         )
+    return model
+
+
+def rebuild_architecture(model: nn.Module, extras: dict, input_shape: tuple[int, ...] | None, path: str | Path = "") -> nn.Module:
+    """Replay onto ``model`` (the architecture of the config) what a saved file records beside its
+    weights: low-rank factors (``FACTORIZED_KEY``), then removed channels (``PRUNED_KEY``, which
+    needs ``input_shape`` to trace the graph). The float and the int8 files share it."""
+    if FACTORIZED_KEY in extras:  # a low-rank model: rebuild its two-layer factors first
+        LowRank.apply_ranks(model, extras[FACTORIZED_KEY])
+    if pruned := extras.get(PRUNED_KEY, {}):
+        if input_shape is None:
+            raise ValueError(f"{path} holds a physically pruned model: loading it needs the input shape")
+        remove_channels(model, pruned, input_shape)
     return model

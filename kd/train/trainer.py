@@ -1,32 +1,66 @@
-"""The pieces every training and evaluation step of a run shares: a Lightning trainer built from
-``cfg.trainer``, the measurement of a model, and a test-set accuracy through Lightning."""
+"""The pieces every training and evaluation step of a run shares: :class:`Trainers`, which builds
+each Lightning trainer of a run from the trainer settings and the callbacks (read from the config
+once, by the orchestrator), a test-set accuracy through Lightning, and the compile decision."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from torch import nn
 
 from kd.data import TensorDataModule
-from kd.tracking.measure import measure
 from kd.train.modules import ClassifierModule
 
 log = logging.getLogger(__name__)
 
 
-def make_trainer(cfg: DictConfig, callbacks: list, logger: Any, max_epochs: int, **overrides: Any) -> pl.Trainer:
-    """``cfg.trainer`` with these callbacks, logger and epochs (``overrides`` win)."""
-    if not overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)):
-        # `trainer.enable_progress_bar=false` means no bar, whatever the callbacks group holds
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    # kd's data modules shard their own loaders under DDP (kd.data.batches.EpochBatches)
-    overrides.setdefault("use_distributed_sampler", False)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
+@dataclass(frozen=True)
+class Trainers:
+    """Builds the trainers of one run: the student's, the teacher's, a fine-tuning one, a quiet
+    evaluation one, all with the same settings.
+
+    Attributes:
+        settings: the trainer's arguments, resolved, with their ``_target_`` (``cfg.trainer``).
+        templates: the run's callbacks (``cfg.callbacks``), instantiated once and never attached
+            to a trainer: each trainer gets fresh copies of those it asks for.
+    """
+
+    settings: Mapping[str, Any]
+    templates: Mapping[str, Callback] = field(default_factory=dict)
+
+    @property
+    def progress_bar(self) -> bool:
+        return bool(self.settings.get("enable_progress_bar", True))
+
+    def callbacks(self, checkpoints: bool = True, only_progress: bool = False) -> dict[str, Callback]:
+        """Copies of the run's callbacks: all, without ``ModelCheckpoint`` (the teacher's fit,
+        which keeps its last weights), or the progress bar alone (fine-tuning)."""
+        kept = {name: c for name, c in self.templates.items() if checkpoints or not isinstance(c, ModelCheckpoint)}
+        if only_progress:
+            kept = {name: c for name, c in kept.items() if isinstance(c, ProgressBar)}
+        return {name: copy.deepcopy(c) for name, c in kept.items()}
+
+    def build(self, callbacks: list[Callback], logger: Any, max_epochs: int, **overrides: Any) -> pl.Trainer:
+        """A trainer with these callbacks, logger and epochs (``overrides`` win over the settings)."""
+        if not overrides.get("enable_progress_bar", self.progress_bar):
+            # `trainer.enable_progress_bar=false` means no bar, whatever the callbacks group holds
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        # kd's data modules shard their own loaders under DDP (kd.data.batches.EpochBatches)
+        overrides.setdefault("use_distributed_sampler", False)
+        return instantiate(dict(self.settings), callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
+
+    def test_accuracy(self, model: nn.Module, data: TensorDataModule) -> float:
+        """Test accuracy of ``model`` through a quiet trainer of the run's kind (its devices)."""
+        module = ClassifierModule(model, data.num_classes, optimizer=None)  # evaluation only
+        quiet = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+        return float(self.build([], False, 1, **quiet).test(module, datamodule=data, verbose=False)[0]["test/acc"])
 
 
 def scale_learning_rate(trainer: pl.Trainer, factor: float) -> None:
@@ -42,23 +76,11 @@ def scale_learning_rate(trainer: pl.Trainer, factor: float) -> None:
             config.scheduler.base_lrs = [b * factor for b in config.scheduler.base_lrs]
 
 
-def measure_model(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> dict[str, float]:
-    """``kd.tracking.measure.measure`` with the run's ``measure`` settings."""
-    return measure(model, data.input_shape, large_batch=cfg.measure.large_batch, latency=cfg.measure.latency)
-
-
-def evaluate_accuracy(cfg: DictConfig, model: nn.Module, data: TensorDataModule) -> float:
-    """Test accuracy of ``model`` through a quiet Lightning trainer of the run's kind."""
-    module = ClassifierModule(model, data.num_classes, optimizer=None)  # evaluation only
-    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
-    return float(make_trainer(cfg, [], False, 1, **quiet).test(module, datamodule=data, verbose=False)[0]["test/acc"])
-
-
-def compile_choice(cfg: DictConfig, objective: Any, data: TensorDataModule, *compression: Any) -> bool:
-    """Whether the student's training forward is compiled (``cfg.compile``), and the data's
-    training batches made one shape for it. Compression callbacks and feature terms keep
-    the run eager: their masks, parametrisations and hooks act on the eager modules."""
-    if not cfg.get("compile", False):
+def compile_choice(enabled: bool, objective: Any, data: TensorDataModule, *compression: Any) -> bool:
+    """Whether the student's training forward is compiled (``compile=true`` is ``enabled``), and
+    the data's training batches made one shape for it. Compression callbacks and feature terms
+    keep the run eager: their masks, parametrisations and hooks act on the eager modules."""
+    if not enabled:
         return False
     blockers = [c.describe() for c in compression if c is not None]
     if objective.needs_features:

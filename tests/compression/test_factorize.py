@@ -229,7 +229,7 @@ def test_lenet_spatial_energy() -> None:
 
 
 def test_a_factorized_run_fine_tunes_measures_and_saves_a_reloadable_model(make_cfg):
-    from callbacks.fx_quant import accuracy
+    from kd.tracking.measure import accuracy
     from kd.train.checkpoint import load_weights
     from kd.run.experiment import run
     from kd.models import MLP

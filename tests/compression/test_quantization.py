@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from callbacks.observers import EntropyObserver, PercentileObserver
-from callbacks.fx_quant import accuracy, int8_ops, load_quantized
+from callbacks.fx_quant import load_quantized
+from kd.tracking.measure import accuracy, int8_ops
 from kd.run.experiment import run
 from kd.tracking.measure import state_dict_bytes
 from kd.models import LeNet5
@@ -104,12 +105,25 @@ def test_a_quantized_run_tests_measures_and_saves_a_reloadable_int8_model(make_c
     assert accuracy(reloaded, digits().test.x, digits().test.y) == pytest.approx(metrics["quant/test_acc"])
 
 
+def test_structured_pruning_then_qat_fine_tunes_the_thinned_model_and_saves_a_reloadable_int8_one(make_cfg):
+    cfg = make_cfg("model@student.model=lenet5", "trainer.max_epochs=4", "prune=structured", "prune.start=1",
+                   "prune.sparsity=0.25", "quantize=qat", "quantize.finetune_epochs=2")  # distill=kd: the teacher teaches the fine-tune too
+    metrics = run(cfg)
+    assert metrics["model/params"] < 0.9 * metrics["dense/params"]  # channels are gone from the quantized model
+    assert metrics["quant/argmax_agreement"] > 0.95 and metrics["quant/size_reduction"] > 2.5
+    assert metrics["quant/qat_finetune_epochs"] == 2
+    saved = torch.load(Path(cfg.paths.run_dir) / "student.pt", weights_only=True)["state_dict"]
+    assert any("activation_post_process" in k for k in saved)  # the saved float model is the fine-tuned fake-quant graph
+    reloaded = load_quantized(LeNet5(10, SHAPE), Path(cfg.paths.run_dir) / "student_int8.pt", SHAPE)
+    assert accuracy(reloaded, digits().test.x, digits().test.y) == pytest.approx(metrics["quant/test_acc"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["quantize=ptq", "quantize.backend=tpu"], "quantize.backend must be one of"),
         (["quantize=ptq", "quantize.observer=kl"], "quantize.observer must be one of"),
-        (["quantize=qat", "prune=structured", "model@student.model=lenet5"], "quantize=qat with StructuredPruning is not supported"),
+        (["quantize=qat", "quantize.finetune_epochs=0"], "quantize.finetune_epochs must be >= 1"),
         (["quantize=qat", "prune=lottery"], "quantize=qat with LotteryTicket is not supported"),
         (["quantize=qat", "distill=ofd", "model@student.model=lenet5"], r"conv1 \(fused with its ReLU: no pre-activation"),
     ],
@@ -269,7 +283,7 @@ def test_every_weight_of_a_cluster_gets_the_clusters_summed_gradient():
 
 
 def test_agreement_measures_prediction_and_logit_differences():
-    from callbacks.fx_quant import agreement
+    from kd.tracking.measure import agreement
 
     reference = torch.nn.Linear(4, 3)
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))

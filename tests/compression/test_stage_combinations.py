@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from callbacks.stage import GROUPS, REFUSED, combination_table
+from callbacks.stage import BEFORE_TRAINING, PAIRS, REFUSED, combination_table
 from kd.run.experiment import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +19,7 @@ STAGE = {  # each kind as a short run configures it (4 epochs)
     "structured": ["prune=structured", "prune.start=1", "prune.sparsity=0.25"],
     "lottery": ["prune=lottery", "prune.sparsity=0.36", "prune.rate=0.2"],  # two rounds of two epochs
     "svd": ["factorize=svd", "factorize.finetune_epochs=1"],
+    "svd@start": ["factorize=svd", "factorize.at=start", "factorize.energy=0.7"],  # the trained student's factors train on
     "ptq": ["quantize=ptq", "quantize.calibration_batches=2"],
     "dynamic": ["quantize=dynamic"],
     "qat": ["quantize=qat"],
@@ -26,15 +27,28 @@ STAGE = {  # each kind as a short run configures it (4 epochs)
     "binary": ["quantize=binary", "quantize.start=3"],
     "log": ["quantize=log", "quantize.start=3"],
 }
-ORDER = [("prune", "factorize"), ("prune", "quantize"), ("factorize", "quantize")]
-PAIRS = [(a, b) for first, second in ORDER for a in GROUPS[first] for b in GROUPS[second]]
 WORKS = [p for p in PAIRS if p not in REFUSED]
 BASE = ["distill=none", "model@student.model=lenet5", "trainer.max_epochs=4"]
 
 
+@pytest.fixture(scope="module")
+def trained_lenet5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained student.pt (LeNet-5, 4 epochs): factorize.at=start factorises a trained model."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF, FAST
+
+    out = tmp_path_factory.mktemp("trained")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, *BASE, f"paths.output_root={out / 'outputs'}", f"paths.run_dir={out / 'run'}"])
+    run(cfg)
+    return out / "run" / "student.pt"
+
+
 @pytest.mark.parametrize(("earlier", "later"), WORKS, ids=[f"{a}+{b}" for a, b in WORKS])
-def test_a_pair_the_table_allows_runs_end_to_end(make_cfg, earlier, later):
-    cfg = make_cfg(*BASE, *STAGE[earlier], *STAGE[later])
+def test_a_pair_the_table_allows_runs_end_to_end(make_cfg, request, earlier, later):
+    start = [f"student.init_checkpoint={request.getfixturevalue('trained_lenet5')}"] if earlier in BEFORE_TRAINING else []
+    cfg = make_cfg(*BASE, *STAGE[earlier], *STAGE[later], *start)
     metrics = run(cfg)
     client = MlflowClient(f"sqlite:///{Path(cfg.paths.output_root) / 'mlflow.db'}")
     (student,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
@@ -45,8 +59,8 @@ def test_a_pair_the_table_allows_runs_end_to_end(make_cfg, earlier, later):
         assert metrics["quant/size_reduction"] > 1.5 and (Path(cfg.paths.run_dir) / "student_int8.pt").is_file()
     if earlier in ("magnitude", "lottery"):
         assert metrics["model/nonzero_params"] < 0.9 * metrics["dense/params"]  # the zeros survive the later stage
-    if earlier == "structured":
-        assert metrics["model/params"] < metrics["dense/params"]  # the thinned model went on
+    if earlier in ("structured", "svd@start"):
+        assert metrics["model/params"] < metrics["dense/params"]  # the thinned (or factorised) model went on
 
 
 REFUSALS = sorted(p for p in REFUSED if p in PAIRS)
@@ -87,6 +101,9 @@ class WeightRounding:
 
     def check(self, model: nn.Module, context: StageContext) -> None:
         pass
+
+    def prepare(self, model: nn.Module, context: StageContext) -> nn.Module:
+        return model
 
     def callbacks(self) -> list:
         return []

@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from callbacks import WeightQuantization
-from callbacks.fx_quant import accuracy
+from kd.tracking.measure import accuracy
 from callbacks.weight_quant import binarize, power_of_two
 from kd.run.experiment import run
 from kd.models import LeNet5

@@ -118,11 +118,14 @@ def test_callbacks_combine_as_a_list_of_named_entries(make_cfg):
 def test_disabling_the_progress_bar_drops_the_progress_callback(make_cfg):
     from pytorch_lightning.callbacks import ProgressBar
 
-    from kd.train.trainer import make_trainer
+    from omegaconf import OmegaConf
+
+    from kd.train.trainer import Trainers
 
     cfg = make_cfg("trainer.enable_progress_bar=false", fast=False)
-    built = [instantiate(c) for c in cfg.callbacks.values()]
-    trainer = make_trainer(cfg, built, False, 1)
+    trainers = Trainers(OmegaConf.to_container(cfg.trainer, resolve=True), {k: instantiate(c) for k, c in cfg.callbacks.items()})
+    assert any(isinstance(c, ProgressBar) for c in trainers.callbacks().values())  # the group holds one
+    trainer = trainers.build(list(trainers.callbacks().values()), False, 1)
     assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
 
 

@@ -166,12 +166,12 @@ def test_compile_choice_compiles_plain_distillation_and_says_why_it_does_not(mak
     data = _digits()
     compression = [instantiate(cfg[g]) if cfg[g] and "_target_" in cfg[g] else None for g in ("prune", "factorize", "quantize")]
     with caplog.at_level(logging.WARNING, logger="kd.train.trainer"):
-        assert compile_choice(cfg, instantiate(cfg.distill), data, *compression) is compiled
+        assert compile_choice(cfg.compile, instantiate(cfg.distill), data, *compression) is compiled
     assert data.drop_last is compiled
     if reason:
         assert "compile=true ignored" in caplog.text and reason in caplog.text
     off = make_cfg()
-    assert compile_choice(off, instantiate(off.distill), _digits()) is False
+    assert compile_choice(off.compile, instantiate(off.distill), _digits()) is False
 
 
 class _Memory(Logger):
