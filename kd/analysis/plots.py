@@ -26,8 +26,12 @@ def heatmap(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: s
     kd = [s for s in summary if s["temperature"] is not None and s["alpha"] is not None]
     if not kd:
         return None
-    objective = max({s["objective"] for s in kd}, key=lambda o: sum(s["n"] for s in kd if s["objective"] == o))
-    cells = {(s["temperature"], s["alpha"]): s["mean"] for s in kd if s["objective"] == objective}
+    families: dict[str, list[dict[str, Any]]] = {}  # configs equal but for T and alpha: one grid, never two runs per cell
+    for s in kd:
+        families.setdefault(_family(s), []).append(s)
+    family = max(families.values(), key=lambda f: (len(f), sum(s["n"] for s in f)))
+    objective = family[0]["objective"]
+    cells = {(s["temperature"], s["alpha"]): s["mean"] for s in family}
     temps, alphas = sorted({t for t, _ in cells}), sorted({a for _, a in cells})
     if len(temps) < 2 and len(alphas) < 2:
         return None
@@ -51,17 +55,26 @@ def heatmap(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: s
     ax.set_xlabel("temperature T")
     ax.set_ylabel("alpha (weight of the soft term)")
     fig.colorbar(image, ax=ax).set_label(f"{metric}" + (" (%)" if scale == 100.0 else ""))
-    finished = [r for r in rows if r["status"] == "FINISHED"]
-    teacher = [r["teacher/test_acc"] for r in finished if r.get("teacher/test_acc") is not None]
-    baseline = [r[metric] for r in finished if r["objective"] == "ce" and r.get(metric) is not None]
-    refs = ([f"teacher test acc {statistics.fmean(teacher):.2%}"] if teacher else []) + (
-        [f"no-teacher baseline (ce) {_pct(statistics.fmean(baseline), metric)}"] if baseline else [])  # fmt: skip
+    teachers = _teachers(family)
+    baseline = [s["mean"] for s in summary if s["objective"] == "ce"]
+    refs = [f"teacher {fp[:8]} test acc {acc:.2%}" for fp, acc in teachers.items()] + (
+        [f"{BASELINE} {_pct(max(baseline), metric)}" + (" (best of several)" if len(baseline) > 1 else "")] if baseline else [])  # fmt: skip
     title = f"{experiment}: mean {metric} over seeds ({objective})"
     ax.set_title(title + ("\n" + ", ".join(refs) if refs else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _family(s: dict[str, Any]) -> str:
+    config = {k: config_value(s["config"], k) for k in s.get("config", {}) if k not in ("distill.temperature", "distill.alpha")}
+    return repr(sorted(config.items())) + s["objective"]
+
+
+def _teachers(summary: list[dict[str, Any]]) -> dict[str, float]:
+    """Each teacher of these groups (fingerprint) and its test accuracy: a reference per teacher."""
+    return {s["teacher"]: s["teacher/test_acc"] for s in summary if s.get("teacher") and s.get("teacher/test_acc") is not None}
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -72,7 +85,8 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     ]  # fmt: skip
 
 
-def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str, experiment: str, path: Path) -> Path | None:
+def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str, experiment: str, path: Path,
+             labels: dict[str, str] | None = None) -> Path | None:  # fmt: skip
     """``metric`` against size, one panel per measure of ``SIZES``, a point per config (mean over
     seeds), the Pareto front joined; the teacher as a reference line. None unless at least two
     configs differ in non-zero parameters."""
@@ -88,17 +102,23 @@ def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: 
     scale = 100.0 if "acc" in metric else 1.0
     panels = [(k, label, f) for k, label, f in SIZES if sum(s.get(k) is not None for s in sized) >= 2]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
-    teacher = [r["teacher/test_acc"] for r in rows if r["status"] == "FINISHED" and r.get("teacher/test_acc") is not None]
+    teachers = _teachers(summary)
+    number = {id(s): i + 1 for i, s in enumerate(sized)}  # each config a number: labels never overprint
+    names = [f"{number[id(s)]}: {(labels or {}).get(s.get('group', ''), _label(s))} (n={s['n']})" for s in sized]
+    top = 100.0 if "acc" in metric else float("inf")
     for ax, (key, label, factor) in zip(axes[0], panels):
         here = [s for s in sized if s.get(key) is not None]
         points = [(s[key] * factor, s["mean"] * scale) for s in here]
         front = sorted(pareto(points), key=lambda i: points[i][0])
         for s, (x, y) in zip(here, points):
-            ax.errorbar(x, y, yerr=s["std"] * scale, fmt="o", color="tab:blue", ecolor="tab:gray", capsize=2, markersize=4)
-            ax.annotate(_label(s), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            spread = s["std"] * scale
+            bounds = [[min(spread, y)], [min(spread, top - y)]]  # an accuracy stays within [0, 100]
+            ax.errorbar(x, y, yerr=bounds, fmt="o", color="tab:blue", ecolor="tab:gray", capsize=2, markersize=4)
+            ax.annotate(str(number[id(s)]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "-", color="tab:red", label="Pareto front")
-        if teacher and "acc" in metric and key != "latency_ms_b256":
-            ax.axhline(statistics.fmean(teacher) * scale, color="tab:green", linestyle="--", linewidth=1, label="teacher")
+        if "acc" in metric and key != "latency_ms_b256":
+            for (fp, acc), style in zip(teachers.items(), ("--", ":", "-.", (0, (5, 5)))):
+                ax.axhline(acc * scale, color="tab:green", linestyle=style, linewidth=1, label=f"teacher {fp[:8]}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.4g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))  # minor labels collide on short ranges
@@ -106,27 +126,27 @@ def tradeoff(rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: 
         ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{experiment}: {metric} vs size (mean over seeds, error bars: std)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"{experiment}: {metric} vs size (mean over seeds, error bars: std, clipped to the range)", fontsize=10)
+    fig.text(0.01, 0.01, "\n".join(names), fontsize=7, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.04 + 0.028 * len(names), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
 def curves(client: MlflowClient, rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str,
-           experiment: str, path: Path, key: str = "val/acc", top: int = 8) -> Path | None:  # fmt: skip
+           experiment: str, path: Path, labels: dict[str, str] | None = None, key: str = "val/acc", top: int = 8) -> Path | None:  # fmt: skip
     """Per-epoch ``key`` of the ``top`` configs by ``metric`` (mean over seeds at each epoch,
     shaded min-max), overlaid; None when no run has a history of ``key``."""
     ranked = sorted(summary, key=lambda s: s["mean"], reverse=True)[:top]
     series = []
     for s in ranked:
-        members = [r for r in rows if r["status"] == "FINISHED" and (r["objective"], r.get("compression", "none"),
-                   r["temperature"], r["alpha"]) == (s["objective"], s["compression"], s["temperature"], s["alpha"])]  # fmt: skip
+        members = [r for r in rows if r["status"] == "FINISHED" and r.get("group") == s.get("group")]
         histories = [sorted(client.get_metric_history(r["run_id"], key), key=lambda m: m.step) for r in members]
         histories = [h for h in histories if h]
-        if histories:
-            n = min(len(h) for h in histories)
-            per_epoch = [[h[i].value for h in histories] for i in range(n)]
+        if histories:  # each epoch over the runs that reached it: a longer run is drawn to its own end
+            n = max(len(h) for h in histories)
+            per_epoch = [[h[i].value for h in histories if i < len(h)] for i in range(n)]
             series.append((s, per_epoch))
     if not series:
         return None
@@ -135,16 +155,19 @@ def curves(client: MlflowClient, rows: list[dict[str, Any]], summary: list[dict[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     scale = 100.0 if "acc" in key else 1.0
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for s, per_epoch in series:
         epochs = range(1, len(per_epoch) + 1)
-        label = _label(s) + (f" T={s['temperature']:g} a={s['alpha']:g}" if s["temperature"] is not None else "")
+        label = (labels or {}).get(s.get("group", "")) or (_label(s) + (f" T={s['temperature']:g} a={s['alpha']:g}" if s["temperature"] is not None else ""))
         line, = ax.plot(epochs, [scale * statistics.fmean(v) for v in per_epoch], label=f"{label} (n={s['n']})")
         if s["n"] > 1:
             ax.fill_between(epochs, [scale * min(v) for v in per_epoch], [scale * max(v) for v in per_epoch],
                             color=line.get_color(), alpha=0.15)  # fmt: skip
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key + (" (%)" if scale == 100.0 else ""))
     ax.set_title(f"{experiment}: {key} per epoch, top {len(series)} configs by {metric} (mean over seeds, band: min-max)", fontsize=9)
     ax.grid(alpha=0.3)
@@ -155,6 +178,34 @@ def curves(client: MlflowClient, rows: list[dict[str, Any]], summary: list[dict[
     return path
 
 
+def config_value(config: dict[str, str], key: str) -> str:
+    """A param as the table shows it: ``4.0`` and ``4`` (a default and the same value typed) alike."""
+    text = config.get(key, "-")
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        return text
+    return f"{number:g}" if number.is_integer() or "e" in f"{number:g}" else text
+
+
+
+BASELINE = "ce (no teacher)"  # the label-only student, by one name in every table and figure
+
+
 def _label(s: dict[str, Any]) -> str:
-    what = s["compression"] if s.get("compression", "none") != "none" else "dense"
-    return f"{s['objective']} {what}" if s["objective"] != "ce" else what
+    what = s["compression"] if s.get("compression", "none") != "none" else ""
+    objective = BASELINE if s["objective"] == "ce" else s["objective"]
+    return f"{objective} {what}".strip()
+
+
+def group_label(s: dict[str, Any], differing: list[str]) -> str:
+    """A group's name in the figures: the values of the keys that differ between groups
+    (``distill.temperature=4 trainer.max_epochs=30``), else objective and compression."""
+    if not differing:
+        return _label(s)
+    def part(key: str) -> str:
+        if key in ("objective", "compression"):
+            return BASELINE if s[key] == "ce" else str(s[key])
+        return f"{key.rsplit('.', 1)[-1] if key.count('.') > 1 else key}={config_value(s['config'], key)}"
+
+    return " ".join(part(k) for k in differing)

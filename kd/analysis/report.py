@@ -1,8 +1,8 @@
 """Compare student runs read back from MLflow: ``python -m kd.report [--sweep TAG]``.
 
-Reads only what MLflow holds (tags, params, metrics of runs tagged ``kd.role=student``), groups
-the FINISHED runs by every config but the seed (objective, compression, temperature, alpha), and
-writes ``runs.csv``, ``summary.csv``, ``summary.md``, a temperature x alpha ``heatmap.png`` and,
+Reads only what MLflow holds (tags, params, metrics of runs tagged ``kd.role=student``; smoke
+tests, ``kd.debug``, never), groups the FINISHED runs whose resolved configs are equal except the
+seed (the tag ``kd.group``), shows the config keys that differ between groups, and writes ``runs.csv``, ``summary.csv``, ``summary.md``, a temperature x alpha ``heatmap.png`` and,
 when the runs differ in size, ``tradeoff.png`` (accuracy vs non-zero parameters, zipped size and
 latency, Pareto front marked) and ``curves.png`` (validation accuracy per epoch of the best
 configs) to ``--out``, and logs them to an MLflow run tagged ``kd.role=report``. RUNNING and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import statistics
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from kd.analysis.plots import SIZES, curves, heatmap, pareto, tradeoff
+from kd.analysis.html import write_html
+from kd.analysis.plots import BASELINE, SIZES, config_value, curves, group_label, heatmap, pareto, tradeoff
 from kd.tracking import keys
 from kd.tracking.tracker import resolve_uri
 
@@ -72,6 +74,8 @@ def load_runs(client: MlflowClient, experiment: str, sweep: str | None = None, m
         for run in page:
             params, tags = run.data.params, run.data.tags
             seed = _number(params.get("seed"))
+            if tags.get("kd.debug") == "true":
+                continue  # a smoke test (trainer=debug) is never compared with real runs
             row = {
                 "run_id": run.info.run_id,
                 "name": run.info.run_name,
@@ -81,6 +85,10 @@ def load_runs(client: MlflowClient, experiment: str, sweep: str | None = None, m
                 "temperature": _number(params.get("distill.temperature")),
                 "alpha": _number(params.get("distill.alpha")),
                 "seed": int(seed) if seed is not None else None,
+                "group": tags.get("kd.group") or _legacy_group(tags, params),
+                "teacher": tags.get("kd.teacher_fingerprint", ""),
+                "experiment_id": run.info.experiment_id,
+                "_params": dict(params),
             }
             rows.append(row | {column: run.data.metrics.get(key) for column, key in metrics.items()})
         token = page.token
@@ -88,20 +96,63 @@ def load_runs(client: MlflowClient, experiment: str, sweep: str | None = None, m
             return rows
 
 
+def _legacy_group(tags: dict[str, str], params: dict[str, str]) -> str:
+    """A run logged before ``kd.group`` existed: its params without the seed and output paths."""
+    kept = sorted((k, v) for k, v in params.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES))
+    return "legacy:" + hashlib.sha256(repr(kept).encode()).hexdigest()[:20]
+
+
+# params that never make two groups differ in a table: the seed pooled over, where and how visibly a run ran
+IGNORED = ("seed", "resume", "log_steps", "optimized_metric")
+IGNORED_PREFIXES = ("paths.", "tracking.", "callbacks.", "measure.", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                    "trainer.log_every_n_steps", "reproduce.")  # fmt: skip
+
+
+def _compared(params: dict[str, str]) -> dict[str, str]:
+    """The params that can make two groups differ (not the seed, output paths, display switches)."""
+    return {k: v for k, v in params.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES)}
+
+
+def differing_keys(summary: list[dict[str, Any]]) -> list[str]:
+    """The config keys whose values differ between groups (what the table and the plot labels
+    show), in config order; ``[]`` for one group."""
+    if len(summary) < 2:
+        return []
+    shown = [c for c in ("objective", "compression") if len({s[c] for s in summary}) > 1]
+    owner = {"distill.": "objective", "prune.": "compression", "quantize.": "compression", "factorize.": "compression"}
+    every = dict.fromkeys(k for s in summary for k in s["config"])
+    for key in every:
+        # a method's own keys count only between groups of that method (T between two KD groups,
+        # not KD's T against the baseline's lack of one): the method column says the rest
+        by = next((o for prefix, o in owner.items() if key.startswith(prefix)), None)
+        families = {s[by] for s in summary} if by else {None}
+        for family in families:
+            values = {config_value(s["config"], key) for s in summary if by is None or s[by] == family}
+            if len(values) > 1:
+                shown.append(key)
+                break
+    return shown
+
+
 def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Mean and population std (ddof=0) of ``metric`` over seeds, per (objective, compression,
-    temperature, alpha), from the FINISHED rows that have the metric, with the mean of each size
-    column of ``SIZES``; sorted by the group key."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+    """Mean and population std (ddof=0) of ``metric`` over seeds, per group of runs whose configs
+    are equal but for the seed (``kd.group``), from the FINISHED rows that have the metric, with
+    the mean of each size column of ``SIZES`` and the group's teacher; sorted by objective,
+    compression, temperature, alpha."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["status"] == "FINISHED" and row.get(metric) is not None:
-            groups.setdefault((row["objective"], row.get("compression", "none"), row["temperature"], row["alpha"]), []).append(row)
+            groups.setdefault(row.get("group") or "", []).append(row)
 
-    def order(key: tuple) -> tuple:
-        return tuple((value is None, value if value is not None else 0) for value in key)
+    def order(members: list[dict[str, Any]]) -> tuple:
+        first = members[0]
+        key = (first["objective"], first.get("compression", "none"), first["temperature"], first["alpha"])
+        return tuple((value is None, value if value is not None else 0) for value in key) + (first["run_id"],)
 
     summary = []
-    for (o, c, t, a), members in sorted(groups.items(), key=lambda item: order(item[0])):
+    for members in sorted(groups.values(), key=order):
+        first = members[0]
+        o, c, t, a = first["objective"], first.get("compression", "none"), first["temperature"], first["alpha"]
         values = [r[metric] for r in members]
         sizes = {k: statistics.fmean(v) if (v := [r[k] for r in members if r.get(k) is not None]) else None for k, _, _ in SIZES}
         epochs = {}  # the validation accuracy of the selected (best) epoch and of the last epoch
@@ -109,8 +160,12 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
             v = [r[key] for r in members if r.get(key) is not None]
             epochs[f"{key}_mean"] = statistics.fmean(v) if v else None
             epochs[f"{key}_std"] = statistics.pstdev(v) if v else None
+        teacher = [r["teacher/test_acc"] for r in members if r.get("teacher/test_acc") is not None]
         summary.append({"objective": o, "compression": c, "temperature": t, "alpha": a, "n": len(values),
-                        "mean": statistics.fmean(values), "std": statistics.pstdev(values)} | epochs | sizes)  # fmt: skip
+                        "mean": statistics.fmean(values), "std": statistics.pstdev(values)} | epochs | sizes
+                       | {"teacher": first.get("teacher", ""), "teacher/test_acc": statistics.fmean(teacher) if teacher else None,
+                          "group": first.get("group", ""), "experiment_id": first.get("experiment_id", ""), "run_ids": " ".join(r["run_id"] for r in members),
+                          "config": _compared(first.get("_params", {}))})  # fmt: skip
     return summary
 
 
@@ -137,27 +192,53 @@ def _fmt(value: Any, metric: str) -> str:
 
 
 def _pm(s: dict[str, Any], key: str) -> str:
-    """``mean ± std`` of ``key`` in a summary row, as percentages."""
+    """``mean ± std`` of ``key`` in a summary row, as percentages (the mean alone for one run)."""
     if s.get(f"{key}_mean") is None:
         return "-"
-    return f"{s[f'{key}_mean']:.2%} ± {s[f'{key}_std']:.2%}"
+    return f"{s[f'{key}_mean']:.2%}" + (f" ± {s[f'{key}_std']:.2%}" if s["n"] > 1 else "")
+
+
+def _teacher(s: dict[str, Any]) -> str:
+    """The group's own reference: its teacher's test accuracy and which teacher (fingerprint)."""
+    if s.get("teacher/test_acc") is None:
+        return "-"
+    return f"{s['teacher/test_acc']:.2%} ({s['teacher'][:8]})"
+
+
+def table_rows(summary: list[dict[str, Any]], metric: str, differing: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table: the keys that differ between groups, n, mean ± std, the validation
+    accuracy of the selected and of the last epoch, non-zero parameters and each group's teacher."""
+    varied = differing or ["objective", "compression"]
+    header = [*varied, "n", f"{metric} mean ± std", "val acc, best epoch", "val acc, last epoch", "non-zero params", "teacher test acc"]
+    rows = []
+    for s in summary:
+        cells = [(BASELINE if s[k] == "ce" else s[k]) if k in ("objective", "compression") else config_value(s["config"], k)
+                 for k in varied]  # fmt: skip
+        acc = _fmt(s["mean"], metric) + (f" ± {_fmt(s['std'], metric)}" if s["n"] > 1 else "")
+        rows.append([*map(str, cells), str(s["n"]), acc, _pm(s, "val/acc_best"), _pm(s, "val/acc_last"),
+                     _fmt(s["nonzero_params"], ""), _teacher(s)])  # fmt: skip
+    return header, rows
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    rows = [{k: v for k, v in row.items() if k not in ("_params", "config")} for row in rows]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
 
 
-def _markdown(summary: list[dict[str, Any]], metric: str, header: list[str]) -> str:
+def _markdown(header: list[str], rows: list[list[str]], metric: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for s in summary:
-        cells = [s["objective"], s["compression"], _fmt(s["temperature"], ""), _fmt(s["alpha"], ""), str(s["n"]),
-                 _fmt(s["mean"], metric), _fmt(s["std"], metric), _pm(s, "val/acc_best"), _pm(s, "val/acc_last"),
-                 _fmt(s["nonzero_params"], "")]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + f"\n\n{metric}: {NOTE}.\n"
+
+
+def report_folder(experiment: str, sweep: str | None) -> Path:
+    """``outputs/reports/<experiment>/``, or ``.../sweeps/<sweep>/`` for one sweep's report (it
+    never overwrites the experiment-wide files)."""
+    base = Path("outputs") / "reports" / experiment
+    return base if not sweep else base / "sweeps" / "_".join(Path(sweep).parts[-2:]).replace(":", "_")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uri", default=None, help="tracking URI (default: as a run resolves it)")
     parser.add_argument("--experiment", default="kd", help="MLflow experiment name (default: kd)")
     parser.add_argument("--sweep", default=None, help="only runs whose tag kd.sweep equals this")
-    parser.add_argument("--out", type=Path, default=None, help="default: outputs/reports/<experiment>")
+    parser.add_argument("--out", type=Path, default=None, help="default: outputs/reports/<experiment>[/sweeps/<sweep>]")
     parser.add_argument("--metric", default="test/acc", help="metric to compare (default: test/acc)")
+    parser.add_argument("--ui", default="http://127.0.0.1:5000", help="the MLflow UI report.html links to")
     parser.add_argument("--no-log", dest="log", action="store_false", help="do not log the files to an MLflow run")
     args = parser.parse_args(argv)
     uri = resolve_uri(args.uri, Path("outputs"))
@@ -181,28 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows, args.metric)
     if not summary:
         why = f"{len(rows)} student run(s), none FINISHED with {args.metric}" if rows else "no student runs"
-        console.print(f"kd.analysis.report: nothing to report: {why} ({where} in {uri})", soft_wrap=True, highlight=False)
+        console.print(f"kd.report: nothing to report: {why} ({where} in {uri})", soft_wrap=True, highlight=False)
         return 2
 
-    out = args.out if args.out is not None else Path("outputs") / "reports" / args.experiment
+    out = args.out if args.out is not None else report_folder(args.experiment, args.sweep)
     out.mkdir(parents=True, exist_ok=True)
+    differing = differing_keys(summary)
+    labels = {s["group"]: group_label(s, differing) for s in summary}
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", summary)
-    header = ["objective", "compression", "T", "alpha", "n", f"mean {args.metric}", "std",
-              "val acc, best epoch", "val acc, last epoch", "non-zero params"]  # fmt: skip
-    (out / "summary.md").write_text(_markdown(summary, args.metric, header))
+    header, cells = table_rows(summary, args.metric, differing)
+    (out / "summary.md").write_text(_markdown(header, cells, args.metric))
 
     table = Table(title=f"kd report: {where}", title_justify="left", caption=f"{args.metric}: {NOTE}", caption_justify="left")
-    kd_params = any(s["temperature"] is not None or s["alpha"] is not None for s in summary)
-    columns = ["objective", "compression", *(["T", "alpha"] if kd_params else []), "n", f"{args.metric} mean ± std",
-               "val acc, best epoch", "val acc, last epoch", "non-zero params"]  # fmt: skip
-    for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i < 2 else "right")
-    for s in summary:
-        grid = [_fmt(s["temperature"], ""), _fmt(s["alpha"], "")] if kd_params else []
-        table.add_row(s["objective"], s["compression"], *grid, str(s["n"]),
-                      f"{_fmt(s['mean'], args.metric)} ± {_fmt(s['std'], args.metric)}", _pm(s, "val/acc_best"),
-                      _pm(s, "val/acc_last"), _fmt(s["nonzero_params"], ""))  # fmt: skip
+    for i, column in enumerate(header):
+        key = i < len(header) - 6
+        table.add_column(column, justify="left" if key else "right", no_wrap=key)
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
     console.print(f"store: {uri}", soft_wrap=True)
     left_out = [r for r in rows if r["status"] != "FINISHED"]
@@ -210,14 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         counts = {s: sum(r["status"] == s for r in left_out) for s in sorted({r["status"] for r in left_out})}
         console.print("not in the statistics: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     png = heatmap(rows, summary, args.metric, args.experiment, out / "heatmap.png")
-    console.print(f"heatmap: {png}" if png else "heatmap: skipped (kd runs have a single temperature and a single alpha)", soft_wrap=True)
-    trade = tradeoff(rows, summary, args.metric, args.experiment, out / "tradeoff.png")
+    console.print(f"heatmap: {png}" if png else "heatmap: skipped (no temperature x alpha grid of otherwise equal configs)", soft_wrap=True)
+    trade = tradeoff(rows, summary, args.metric, args.experiment, out / "tradeoff.png", labels)
     console.print(f"accuracy vs size: {trade}" if trade else "accuracy vs size: skipped (every config has the same size)", soft_wrap=True)
-    curve = curves(client, rows, summary, args.metric, args.experiment, out / "curves.png")
+    curve = curves(client, rows, summary, args.metric, args.experiment, out / "curves.png", labels)
     console.print(f"training curves: {curve}" if curve else "training curves: skipped (no val/acc history)", soft_wrap=True)
-    console.print(f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}", soft_wrap=True)
+    figures = [p for p in (png, trade, curve) if p]
+    page = write_html(out / "report.html", f"kd report: {where}", header, cells, summary, figures, args.ui, f"{args.metric}: {NOTE}")
+    console.print(f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}; page: {page}", soft_wrap=True)
     if args.log:
-        files = [out / n for n in ("runs.csv", "summary.csv", "summary.md")] + [p for p in (png, trade, curve) if p]
+        files = [out / n for n in ("runs.csv", "summary.csv", "summary.md", "report.html")] + figures
         console.print(f"logged to MLflow run {log_report(client, args.experiment, args.sweep, files)} (kd.role=report)")
     return 0
 

@@ -60,9 +60,38 @@ def check_keys(node: DictConfig) -> None:
 _NOT_RESULTS = ("paths", "tracking", "resume", "callbacks.progress", "trainer.enable_progress_bar")
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """sha256 of the resolved config without output locations and display switches: two jobs
-    with equal hashes compute the same thing (what ``resume=true`` skips on)."""
+def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:
+    """sha256 of the resolved config without output locations and display switches (and the keys
+    ``ignore``): two jobs with equal hashes compute the same thing (what ``resume=true`` skips on);
+    with ``ignore=SEED`` they differ at most in the seed (``kd.group``: what a report pools)."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=False))
-    kept = {k: v for k, v in flat.items() if not k.startswith(_NOT_RESULTS)}
+    kept = {k: v for k, v in flat.items() if not k.startswith(_NOT_RESULTS) and k not in ignore}
+    if ignore:  # a group: 4 and 4.0 (a default and the same value typed) are one configuration
+        kept = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in kept.items()}
+    # (the resume hash keeps the types as written: stores made before this would otherwise re-run)
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+SEED = ("seed",)  # the student's seed: runs equal but for it are repeats of one configuration
+
+# trainer arguments that make a run a smoke test (a part of each epoch, or one batch)
+_SMOKE = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "fast_dev_run", "overfit_batches")
+
+
+def smoke_test(trainer: dict) -> bool:
+    """Whether these trainer settings see only part of the data (``trainer=debug``)."""
+    def partial(key: str, value: object) -> bool:
+        if value is None or value is False:
+            return False
+        if key in ("fast_dev_run", "overfit_batches"):
+            return bool(value)
+        return not (isinstance(value, float) and value == 1.0)  # an int is a number of batches, a float a fraction
+
+    return any(partial(k, trainer.get(k)) for k in _SMOKE)
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    """``tracking.experiment``, or ``<it>-debug`` for a smoke test: its runs never mix with real ones
+    in a report, a comparison in the UI or the registry."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return f"{cfg.tracking.experiment}-debug" if smoke_test(trainer) else str(cfg.tracking.experiment)

@@ -7,6 +7,7 @@ only the Hydra shim) and returns the metrics, ``val/acc_best`` being what a swee
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from torch import nn
 from callbacks import CompressionStage, PruningCallback, StageContext, check_combination, in_order
 from kd.data import TensorDataModule
 from kd.run.compress import finetune, quantized_metrics
-from kd.run.config import check_counts, check_keys, config_hash
+from kd.run.config import SEED, check_counts, check_keys, config_hash, experiment_name
 from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.run.omitted import bias_correction, drop_classes, omitted_classes
+from kd.run.progress import phase
+from kd.run.sweep import SWEPT_ENV, short_name
 from kd.run.summary import print_summary, summary_metrics
 from kd.tracking import keys
 from kd.tracking.measure import Measurement, accuracy
@@ -85,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_root = Path(cfg.paths.output_root)
     tracker = Tracker(
         resolve_uri(cfg.tracking.uri, output_root),
-        cfg.tracking.experiment,
+        experiment_name(cfg),  # <experiment>-debug for a smoke test (trainer=debug)
         artifact_root=output_root / "mlartifacts",
         enabled=rank_zero_only.rank == 0,
     )
@@ -100,6 +103,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "kd.objective": objective.describe(),
         "kd.compression": " + ".join(stage.describe() for stage in stages) or "none",
         "kd.config_hash": fingerprint_cfg,
+        "kd.group": config_hash(cfg, SEED),  # what a report pools: equal but for the seed
+        **({"kd.debug": "true"} if tracker.experiment_name != cfg.tracking.experiment else {}),
         **({"kd.paper": str(cfg.reproduce.paper), "kd.setting": str(cfg.reproduce.setting)} if cfg.get("reproduce", {}).get("paper") else {}),
     }
     with tracker.open_run(name, tags | context["tags"]) as run_id:
@@ -129,8 +134,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         final = {keys.VAL_ACC_BEST: float(checkpoint.best_model_score if best_path else trainer.callback_metrics[keys.VAL_ACC])}
 
         # 4. Test the validation-selected epoch (Lightning logs test/acc into the run).
-        tested = trainer.test(module, datamodule=data, ckpt_path=best_path or None, verbose=False)[0]
-        teacher_acc = trainers.test_accuracy(teacher.model, data) if teacher is not None else None
+        with phase("testing the validation-selected epoch" + (" and the teacher" if teacher is not None else "")):
+            tested = trainer.test(module, datamodule=data, ckpt_path=best_path or None, verbose=False)[0]
+            teacher_acc = trainers.test_accuracy(teacher.model, data) if teacher is not None else None
         if rank_zero_only.rank != 0:
             return final  # under DDP, rank zero alone measures and logs
         if omit:
@@ -146,8 +152,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
             finetune=lambda epochs, lr_scale, extra=(): finetune(trainers, module, data, epochs, lr_scale, extra),
         )  # fmt: skip
         reshaped_by = None  # the first stage that measured the student before changing it (dense/*)
+        saved: list[Path] = []  # what the summary names: student.pt and the other artifacts
         for stage in stages:
-            result = stage.finalize(module.model, finishing)
+            with phase(f"{stage.group}: finalising {stage.describe()}"):
+                result = stage.finalize(module.model, finishing)
             module.model = result.model
             dense = {k: v for k, v in result.metrics.items() if k.startswith(keys.DENSE + "/")}
             if dense and reshaped_by is None:
@@ -157,27 +165,34 @@ def run(cfg: DictConfig) -> dict[str, float]:
             extras.update(result.extras)
             for path in result.artifacts:
                 tracker.log_artifact(run_id, path)
+            saved += result.artifacts
             if result.tags:
                 tracker.set_tags(run_id, result.tags)
             if result.test_acc is not None:  # the stage changed the tested model (factorisation)
                 tested[keys.TEST_ACC] = final[keys.TEST_ACC] = result.test_acc
             if result.deployed is not None:
                 deployed = result
-        final.update(keys.prefixed(keys.MODEL, measurement(module.model, data.input_shape)))
-        if deployed is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
-            final.update(quantized_metrics(measurement, module.model, deployed.deployed, data, final, float(tested[keys.TEST_ACC])))
-            int8_extras = extras | deployed.deployed_extras  # the reshaping (channels, factors) and the recipe
-            int8_path = save_weights(deployed.deployed, Path(cfg.paths.run_dir) / "student_int8.pt", int8_extras)
-            tracker.log_artifact(run_id, int8_path)
-        if teacher is not None:
-            final[keys.TEACHER_TEST_ACC] = teacher_acc
-            final.update(keys.prefixed(keys.TEACHER, measurement(teacher.model, data.input_shape)))
+        measured = ["the student"] + (["its int8 form"] if deployed is not None else []) + (["the teacher"] if teacher else [])
+        with phase("measuring " + ", ".join(measured) + (" (latency on)" if measurement.latency else "")):
+            final.update(keys.prefixed(keys.MODEL, measurement(module.model, data.input_shape)))
+            if deployed is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
+                final.update(quantized_metrics(measurement, module.model, deployed.deployed, data, final, float(tested[keys.TEST_ACC])))
+            if teacher is not None:
+                final[keys.TEACHER_TEST_ACC] = teacher_acc
+                final.update(keys.prefixed(keys.TEACHER, measurement(teacher.model, data.input_shape)))
         final.update(summary_metrics(final, reshaped_by))
-        tracker.log_metrics(run_id, final, step=trainer.global_step)
         metrics = {keys.TEST_ACC: float(tested[keys.TEST_ACC]), **final}
-        tracker.log_artifact(run_id, save_weights(module.model, Path(cfg.paths.run_dir) / "student.pt", extras))
-        tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
-        print_summary(name, metrics, teacher, tracker)
+        with phase("saving the student and logging to MLflow"):
+            tracker.log_metrics(run_id, final, step=trainer.global_step)
+            student_pt = save_weights(module.model, Path(cfg.paths.run_dir) / "student.pt", extras)
+            saved.insert(0, student_pt)
+            tracker.log_artifact(run_id, student_pt)
+            if deployed is not None:
+                int8_extras = extras | deployed.deployed_extras  # the reshaping (channels, factors) and the recipe
+                saved.insert(1, save_weights(deployed.deployed, Path(cfg.paths.run_dir) / "student_int8.pt", int8_extras))
+                tracker.log_artifact(run_id, saved[1])
+            tracker.log_text(run_id, OmegaConf.to_yaml({k: float(v) for k, v in metrics.items()}), "summary.yaml")
+        print_summary(name, metrics, teacher, tracker, Path(cfg.paths.run_dir), saved, run_id)
     return metrics
 
 
@@ -217,13 +232,23 @@ def _student_module(
 
 
 def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any], *compression: Any) -> str:
+    """``mlp_small<-mlp kd T=4 a=0.9 seed=0``; in a sweep the swept values lead, so the UI's cut
+    name column still shows them: ``T=4 a=0.9 seed=1 · mlp_small<-mlp kd``."""
     choices = context["choices"]
     student = choices.get("model@student.model", "student")
     what = " + ".join([objective.describe(), *(c.describe() for c in compression if c is not None)])
-    if not objective.needs_teacher:
-        return f"{student} {what} seed={cfg.seed}"
-    teacher = choices.get("model@teacher.model", "teacher")
-    return f"{student}<-{teacher} {what} seed={cfg.seed}"
+    teacher = f"<-{choices.get('model@teacher.model', 'teacher')}" if objective.needs_teacher else ""
+    name = f"{student}{teacher} {what} seed={cfg.seed}"
+    swept = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
+    if not swept:
+        return name
+    lead = [f"{short_name(k)}={_value(OmegaConf.select(cfg, k, default='?'))}" for k in swept]
+    rest = [token for token in name.split(" ") if token not in lead]
+    return " ".join(lead) + " · " + " ".join(rest)
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _optional(cfg: DictConfig, group: str) -> Any:

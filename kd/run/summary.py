@@ -3,6 +3,8 @@ that opens the MLflow store."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -32,7 +34,10 @@ def summary_metrics(metrics: dict[str, float], reshaped_by: str | None) -> dict[
     return ratios
 
 
-def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None, tracker: Tracker) -> None:
+def print_summary(
+    name: str, metrics: dict[str, float], teacher: Teacher | None, tracker: Tracker, run_dir: Path | None = None,
+    saved: Sequence[Path] = (), run_id: str = "",
+) -> None:  # fmt: skip
     table = Table(title=f"kd run: {name}", title_justify="left")
     table.add_column("")
     table.add_column("test acc", justify="right")
@@ -99,4 +104,8 @@ def print_summary(name: str, metrics: dict[str, float], teacher: Teacher | None,
             f"{metrics['quant/argmax_agreement']:.2%} same predictions, logits {metrics['quant/logit_rel_error']:.1%} off), "
             f"{metrics['quant/size_reduction']:.2f}x smaller on disk" + (f", {speed:.2f}x faster at the large batch" if speed else "")
         )
-    console.print(f"MLflow: {tracker.ui_command()}  (experiment '{tracker.experiment_name}')", soft_wrap=True)
+    if run_dir is not None:
+        names = ", ".join(p.name if p.parent == run_dir else str(p) for p in saved)
+        console.print(f"saved in {run_dir}: {names}" if names else f"run folder: {run_dir}", soft_wrap=True)
+    run = f"run {run_id} in " if run_id else ""
+    console.print(f"MLflow: {run}experiment '{tracker.experiment_name}'; open it with {tracker.ui_command()}", soft_wrap=True)

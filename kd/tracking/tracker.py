@@ -63,6 +63,13 @@ class RunLogger(MLFlowLogger):
         pass
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and an empty or
+# young experiment opens on the GenAI (traces) page instead of the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+PARENT_TAG = "mlflow.parentRunId"  # what the UI nests runs by
+PARENT_ENV = "KD_SWEEP_RUN_ID"  # set by the sweep's callback (kd.run.sweep) in the launching process; workers inherit it
+
+
 class Tracker:
     """One MLflow experiment in one store.
 
@@ -102,12 +109,14 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         existing = self.client.get_experiment_by_name(self.experiment_name)
         if existing is not None:
+            if existing.tags.get(EXPERIMENT_KIND[0]) is None:  # a store kd made before it set the kind
+                self.client.set_experiment_tag(existing.experiment_id, *EXPERIMENT_KIND)
             return existing.experiment_id
         local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
         # a server keeps artifacts where it was told to (proxied); only a local store gets ours
         location = artifact_root.resolve().as_uri() if artifact_root is not None and local else None
         try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+            return self.client.create_experiment(self.experiment_name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         except MlflowException:  # a parallel job created it first
             return self.client.get_experiment_by_name(self.experiment_name).experiment_id
 
@@ -117,7 +126,9 @@ class Tracker:
         if not self.enabled:
             yield ""
             return
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        parent = os.environ.get(PARENT_ENV)  # a job of a sweep: a child of the sweep's run
+        tags = dict(tags) | ({PARENT_TAG: parent} if parent and PARENT_TAG not in tags else {})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which writes
         # $MLFLOW_TRACKING_URI; put the user's value back so a later run in this process (or a

@@ -29,7 +29,7 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _student(cfg):
     client = MlflowClient(f"sqlite:///{Path(cfg.paths.output_root) / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(f"{cfg.tracking.experiment}-debug")  # limit_train_batches: a smoke test
     (student,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kd.role") == "student"]
     return client, student
 

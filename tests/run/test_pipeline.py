@@ -183,13 +183,18 @@ def test_resume_skips_finished_configs_and_reruns_failed_ones(make_cfg, monkeypa
     assert len(_runs(cfg, "student")) == 4
 
 
-def test_a_debug_trained_teacher_is_never_reused_by_a_real_run(make_cfg):
+def test_a_debug_run_goes_to_its_own_experiment_and_its_teacher_is_never_reused_by_a_real_run(make_cfg):
     cfg = make_cfg("trainer=debug", "teacher.max_epochs=3")
     run(cfg)
-    run(make_cfg("teacher.max_epochs=3", "trainer.enable_progress_bar=true"))  # display switches do not count
-    assert len(_runs(cfg, "teacher")) == 2
+    assert _runs(cfg) == []  # nothing of a smoke test in the real experiment ...
+    debug = _runs(make_cfg("tracking.experiment=kd-debug"))
+    assert sorted(r.data.tags["kd.role"] for r in debug) == ["student", "teacher"]  # ... it is in <experiment>-debug
+    assert {r.data.tags.get("kd.debug") for r in debug if r.data.tags["kd.role"] == "student"} == {"true"}
+    real = make_cfg("teacher.max_epochs=3", "trainer.enable_progress_bar=true")  # display switches do not count
+    run(real)
+    assert len(_runs(cfg, "teacher")) == 1  # the real run trained its own teacher
     run(make_cfg("teacher.max_epochs=3"))
-    assert len(_runs(cfg, "teacher")) == 2  # ... but the same real recipe is reused
+    assert len(_runs(cfg, "teacher")) == 1  # ... and the same real recipe is reused
 
 
 COUNTS = [("seed=abc", "seed must be an integer >= 0, got 'abc'"), ("seed=1.5", "seed must be an integer >= 0, got 1.5"),
