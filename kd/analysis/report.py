@@ -26,7 +26,7 @@ from rich.table import Table
 from kd.analysis.html import write_html
 from kd.analysis.plots import BASELINE, SIZES, config_value, curves, group_label, heatmap, pareto, tradeoff
 from kd.tracking import keys
-from kd.tracking.tracker import resolve_uri
+from kd.tracking.tracker import close_dead_runs, resolve_uri
 
 __all__ = ["curves", "heatmap", "load_runs", "main", "pareto", "summarise", "tradeoff"]
 
@@ -259,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = []  # opening a missing SQLite store would create an empty one
     else:
         client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(args.experiment)
+        dead = close_dead_runs(client, found.experiment_id) if found is not None else []
+        if dead:
+            console.print(f"closed {len(dead)} run(s) whose process is gone: KILLED, the reason in the tag kd.failure")
         rows = load_runs(client, args.experiment, args.sweep, args.metric)
     summary = summarise(rows, args.metric)
     if not summary:
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     left_out = [r for r in rows if r["status"] != "FINISHED"]
     if left_out:
         counts = {s: sum(r["status"] == s for r in left_out) for s in sorted({r["status"] for r in left_out})}
-        console.print("not in the statistics: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        running = " (RUNNING: alive, or on another host, where kd cannot tell)" if "RUNNING" in counts else ""
+        console.print("not in the statistics: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + running)
     png = heatmap(rows, summary, args.metric, args.experiment, out / "heatmap.png")
     console.print(f"heatmap: {png}" if png else "heatmap: skipped (no temperature x alpha grid of otherwise equal configs)", soft_wrap=True)
     trade = tradeoff(rows, summary, args.metric, args.experiment, out / "tradeoff.png", labels)

@@ -26,6 +26,7 @@ from kd.run.config import SEED, check_counts, check_keys, config_hash, experimen
 from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.run.omitted import bias_correction, drop_classes, omitted_classes
 from kd.run.progress import phase
+from kd.run.signals import sigterm_ends_the_run
 from kd.run.sweep import SWEPT_ENV, short_name
 from kd.run.summary import print_summary, summary_metrics
 from kd.tracking import keys
@@ -41,7 +42,13 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow."""
+    """Distil (or train a baseline) as ``cfg`` says; every number lands in MLflow. SIGTERM ends
+    it like Ctrl-C: its MLflow runs close FAILED and the process exits 143."""
+    with sigterm_ends_the_run():
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, float]:
     # 1. Build and check everything that can fail on bad input, before any training.
     check_counts(cfg)
     objective = instantiate(cfg.distill)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -70,6 +71,49 @@ PARENT_TAG = "mlflow.parentRunId"  # what the UI nests runs by
 PARENT_ENV = "KD_SWEEP_RUN_ID"  # set by the sweep's callback (kd.run.sweep) in the launching process; workers inherit it
 
 
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), "" where unknown: with
+    the pid it names one process, so a reused pid is not taken for the run's own."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process with that pid: alive, and not ours to judge
+    return not started or _started(pid) in ("", started)
+
+
+def owner_tags() -> dict[str, str]:
+    """Where a run's process lives: what :func:`close_dead_runs` checks later."""
+    return {"kd.host": socket.gethostname(), "kd.pid": str(os.getpid()), "kd.pid_start": _started(os.getpid())}
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED, with the reason in ``kd.failure``, the RUNNING runs of this host whose process
+    is gone (SIGKILL, out of memory, a reboot); returns their ids. Runs of other hosts are left
+    alone: from here nothing tells whether their process lives."""
+    host, closed = socket.gethostname(), []
+    running = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`kd.host` = '{host}'", ViewType.ACTIVE_ONLY)
+    for run in running:
+        tags = run.data.tags
+        if not tags.get("kd.pid", "").isdigit() or _alive(int(tags["kd.pid"]), tags.get("kd.pid_start", "")):
+            continue
+        client.set_tag(run.info.run_id, "kd.failure", f"its process ({host}, pid {tags['kd.pid']}) ended without closing the run "
+                                                      "(killed by SIGKILL or out of memory, or the machine went down)")  # fmt: skip
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d MLflow run(s) whose process is gone (KILLED): %s", len(closed), ", ".join(closed))
+    return closed
+
+
 class Tracker:
     """One MLflow experiment in one store.
 
@@ -111,6 +155,7 @@ class Tracker:
         if existing is not None:
             if existing.tags.get(EXPERIMENT_KIND[0]) is None:  # a store kd made before it set the kind
                 self.client.set_experiment_tag(existing.experiment_id, *EXPERIMENT_KIND)
+            close_dead_runs(self.client, existing.experiment_id)  # the next run against the store closes dead ones
             return existing.experiment_id
         local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
         # a server keeps artifacts where it was told to (proxied); only a local store gets ours
@@ -127,7 +172,7 @@ class Tracker:
             yield ""
             return
         parent = os.environ.get(PARENT_ENV)  # a job of a sweep: a child of the sweep's run
-        tags = dict(tags) | ({PARENT_TAG: parent} if parent and PARENT_TAG not in tags else {})
+        tags = owner_tags() | dict(tags) | ({PARENT_TAG: parent} if parent and PARENT_TAG not in tags else {})
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which writes
@@ -136,6 +181,7 @@ class Tracker:
         saved_env = os.environ.get("MLFLOW_TRACKING_URI")
         try:
             yield run_id
+            self.client.set_terminated(run_id, "FINISHED")  # inside: a signal during this write still fails the run
         except BaseException as err:
             self._fail(run_id, err)
             raise
@@ -144,7 +190,6 @@ class Tracker:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_env
-        self.client.set_terminated(run_id, "FINISHED")
 
     def _fail(self, run_id: str, err: BaseException) -> None:
         cause = err
@@ -154,14 +199,27 @@ class Tracker:
         if isinstance(cause, (KeyboardInterrupt, SystemExit)):
             reason = f"interrupted ({reason})"
         try:
-            self.client.set_tag(run_id, "kd.failure", reason[:5000])
+            self._retrying(lambda: self.client.set_tag(run_id, "kd.failure", reason[:5000]))
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "traceback.txt"
                 path.write_text("".join(traceback.format_exception(err)))
                 self.client.log_artifact(run_id, str(path))
         finally:
-            self.client.set_terminated(run_id, "FAILED")
+            self._retrying(lambda: self.client.set_terminated(run_id, "FAILED"))
             log.error("MLflow run %s marked FAILED: %s", run_id, reason)
+
+    def _retrying(self, write: Any) -> None:
+        """A write that closes a failed run. An interrupt inside an earlier SQL write can leave this
+        process's own connection holding the store's write lock ("database is locked"): drop the
+        store's pooled connections (their transactions roll back) and write once more."""
+        try:
+            write()
+        except Exception:
+            engine = getattr(getattr(self.client._tracking_client, "store", None), "engine", None)  # SQL stores only
+            if engine is None:
+                raise
+            engine.dispose()
+            write()
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params in batches. A value longer than MLflow allows is not truncated silently:
