@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -50,7 +51,9 @@ def team_server(tmp_path):
     if PG_BIN is None:
         pytest.skip("no PostgreSQL: apt-get install -y postgresql")
     pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the dev extra has it)")
-    cluster, sockets = tmp_path / "pg", tmp_path / "pgsock"
+    base = Path(tempfile.mkdtemp(prefix="kd-pg-"))  # not under pytest's folder: that is private to root
+    base.chmod(0o755)
+    cluster, sockets = base / "pg", base / "sock"
     cluster.mkdir()
     sockets.mkdir()
     if os.geteuid() == 0:
@@ -67,7 +70,7 @@ def team_server(tmp_path):
         subprocess.run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "kd", "mlflow"], check=True)
         env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"}
         server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                                   f"postgresql://kd@127.0.0.1:{pg_port}/mlflow", "--artifacts-destination",
+                                   f"postgresql+psycopg2://kd@127.0.0.1:{pg_port}/mlflow", "--artifacts-destination",
                                    str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
@@ -84,6 +87,7 @@ def team_server(tmp_path):
             server.terminate()
             server.wait(timeout=30)
         subprocess.run(_as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(cluster), "-m", "fast", "stop"]), capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_joblib_sweep_against_postgres_with_one_job_killed_leaves_every_run_closed(team_server, run_py, tmp_path):
