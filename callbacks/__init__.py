@@ -8,7 +8,8 @@ from callbacks.clustering import WeightClustering
 from callbacks.factorize import LowRankFactorization
 from callbacks.lottery import LotteryTicket
 from callbacks.magnitude import MagnitudePruning
-from callbacks.quantization import PostTrainingQuantization, QuantizationAwareTraining, QuantizationCallback
+from callbacks.qat import QuantizationAwareTraining
+from callbacks.quantization import PostTrainingQuantization, QuantizationCallback
 from callbacks.schedule import SparsitySchedule
 from callbacks.stage import REFUSED, SELECTION_KEY, CompressionStage, StageContext, StageResult, check_combination, in_order
 from callbacks.structured import StructuredPruning

@@ -12,7 +12,6 @@ FAILED runs are listed in ``runs.csv`` but left out of every statistic.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import statistics
 from pathlib import Path
@@ -24,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kd.analysis.html import write_html
-from kd.analysis.plots import BASELINE, SIZES, config_value, curves, group_label, heatmap, pareto, tradeoff
+from kd.analysis.plots import SIZES, config_value, curves, group_label, heatmap, pareto, tradeoff
+from kd.analysis.tables import NOTE, table_rows, write_csv, write_markdown
 from kd.tracking import keys
 from kd.tracking.tracker import close_dead_runs, resolve_uri
 
@@ -37,10 +37,6 @@ COLUMNS = ["run_id", "name", "status", "objective", "compression", "temperature"
 METRICS = {"val/acc_best": keys.VAL_ACC_BEST, "val/acc_last": keys.VAL_ACC, "test/acc": keys.TEST_ACC,
            **{name: keys.key(keys.MODEL, name) for name in (keys.PARAMS, keys.NONZERO, keys.SIZE_ZIP, keys.LATENCY + "256")},
            "compression_ratio": keys.COMPRESSION_RATIO, "teacher/test_acc": keys.TEACHER_TEST_ACC}  # fmt: skip
-NOTE = ("model selection used validation only; test accuracy is that of the validation-selected "
-        "epoch (for pruned runs: the best epoch at the final sparsity); val acc is given for that "
-        "epoch and for the last one; std is the population std (ddof=0) over seeds")  # fmt: skip
-
 
 def _number(text: str | None) -> float | None:
     try:
@@ -183,57 +179,6 @@ def log_report(client: MlflowClient, experiment: str, sweep: str | None, files: 
     return run_id
 
 
-def _fmt(value: Any, metric: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and "acc" in metric:
-        return f"{value:.2%}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _pm(s: dict[str, Any], key: str) -> str:
-    """``mean ± std`` of ``key`` in a summary row, as percentages (the mean alone for one run)."""
-    if s.get(f"{key}_mean") is None:
-        return "-"
-    return f"{s[f'{key}_mean']:.2%}" + (f" ± {s[f'{key}_std']:.2%}" if s["n"] > 1 else "")
-
-
-def _teacher(s: dict[str, Any]) -> str:
-    """The group's own reference: its teacher's test accuracy and which teacher (fingerprint)."""
-    if s.get("teacher/test_acc") is None:
-        return "-"
-    return f"{s['teacher/test_acc']:.2%} ({s['teacher'][:8]})"
-
-
-def table_rows(summary: list[dict[str, Any]], metric: str, differing: list[str]) -> tuple[list[str], list[list[str]]]:
-    """The comparison table: the keys that differ between groups, n, mean ± std, the validation
-    accuracy of the selected and of the last epoch, non-zero parameters and each group's teacher."""
-    varied = differing or ["objective", "compression"]
-    header = [*varied, "n", f"{metric} mean ± std", "val acc, best epoch", "val acc, last epoch", "non-zero params", "teacher test acc"]
-    rows = []
-    for s in summary:
-        cells = [(BASELINE if s[k] == "ce" else s[k]) if k in ("objective", "compression") else config_value(s["config"], k)
-                 for k in varied]  # fmt: skip
-        acc = _fmt(s["mean"], metric) + (f" ± {_fmt(s['std'], metric)}" if s["n"] > 1 else "")
-        rows.append([*map(str, cells), str(s["n"]), acc, _pm(s, "val/acc_best"), _pm(s, "val/acc_last"),
-                     _fmt(s["nonzero_params"], ""), _teacher(s)])  # fmt: skip
-    return header, rows
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    rows = [{k: v for k, v in row.items() if k not in ("_params", "config")} for row in rows]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-
-
-def _markdown(header: list[str], rows: list[list[str]], metric: str) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + f"\n\n{metric}: {NOTE}.\n"
-
-
 def report_folder(experiment: str, sweep: str | None) -> Path:
     """``outputs/reports/<experiment>/``, or ``.../sweeps/<sweep>/`` for one sweep's report (it
     never overwrites the experiment-wide files)."""
@@ -274,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     differing = differing_keys(summary)
     labels = {s["group"]: group_label(s, differing) for s in summary}
-    _write_csv(out / "runs.csv", rows)
-    _write_csv(out / "summary.csv", summary)
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "summary.csv", summary)
     header, cells = table_rows(summary, args.metric, differing)
-    (out / "summary.md").write_text(_markdown(header, cells, args.metric))
+    (out / "summary.md").write_text(write_markdown(header, cells, args.metric))
 
     table = Table(title=f"kd report: {where}", title_justify="left", caption=f"{args.metric}: {NOTE}", caption_justify="left")
     for i, column in enumerate(header):
