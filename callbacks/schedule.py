@@ -72,7 +72,7 @@ class SparsitySchedule:
         times = self.times()
         if t not in times:
             return None
-        if t == self.end or self.kind == "oneshot":
+        if t == self.end:  # a oneshot schedule's one event is its end
             return final
         n_dt = self.end - self.start
         if self.kind == "agp":

@@ -62,3 +62,51 @@ def test_a_layer_with_no_weights_left_stores_nothing():
     row = layer_storage(torch.zeros(3, 4), 5)
     assert (row["params"], row["nonzero"], row["entries"]) == (12, 0, 0)
     assert row["pruned"] == row["quantized"] == row["huffman"] == 0.0 and row["dense"] == 48.0
+
+
+def test_gaps_of_exactly_one_and_two_spans_need_zero_and_one_filler():
+    # span 8 (3-bit indices): gap 8 is stored as it is, gap 16 as a filler (8) + 8
+    w = torch.zeros(24)
+    w[[7, 23]] = torch.tensor([1.0, 2.0])  # gaps from the start (-1): 8, then 16
+    row = layer_storage(w, index_bits=3)
+    assert row["entries"] == 3 and row["value_bits"] == 2
+    assert row["pruned"] == (3 * 32 + 3 * 3) / 8
+    assert row["quantized"] == (3 * 2 + 3 * 3) / 8 + 3 * 4
+    # values {1, 2, 0} once each: lengths 1, 2, 2 = 5 bits; the index 8 three times: 1 bit each;
+    # codebook 12 bytes; code tables 3 + 1 bytes
+    assert row["huffman"] == (5 + 3) / 8 + 12 + 4
+    assert row["bits_per_weight_huffman"] == 8 * row["huffman"] / 24
+
+
+def test_an_emptied_layer_reports_zero_for_every_coded_quantity():
+    row = layer_storage(torch.zeros(3, 4), 5)
+    assert row == {"params": 12, "nonzero": 0, "distinct_values": 1, "index_bits": 5, "dense": 48.0, "entries": 0,
+                   "value_bits": 0, "pruned": 0.0, "quantized": 0.0, "huffman": 0.0, "bits_per_weight_huffman": 0.0}
+
+
+def test_the_report_csv_and_metrics_hold_every_stage_and_ratio(tmp_path):
+    import csv
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([0.0, 0.25]).repeat(9).view(2, 1, 3, 3))
+        model[2].weight.zero_()[:, 0] = 1.0
+    rows, totals = storage_report(model, index_bits_conv=8, index_bits_fc=5)
+    assert [r["index_bits"] for r in rows] == [8, 5]  # conv and linear layers get their own index width
+    assert [r["index_bits"] for r in storage_report(model)[0]] == [8, 5]  # Han et al.'s widths are the defaults
+    path = write_report(rows, totals, tmp_path / "new" / "folder" / "dc.csv")  # folders are made
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["layer", "params", "nonzero", "entries", "distinct_values", "value_bits", "index_bits",
+                                     "dense", "pruned", "quantized", "huffman", "ratio_pruned", "ratio_quantized",
+                                     "ratio_huffman", "bits_per_weight_huffman"]  # fmt: skip
+        read = list(reader)
+    for line, source in zip(read, [*rows, totals]):
+        for stage in ("pruned", "quantized", "huffman"):
+            assert float(line[f"ratio_{stage}"]) == pytest.approx(source["dense"] / source[stage])
+    assert float(read[0]["bits_per_weight_huffman"]) == pytest.approx(rows[0]["bits_per_weight_huffman"])
+    metrics = storage_metrics(rows, totals)
+    assert {k for k in metrics if k.startswith("dc/size_bytes_")} == {f"dc/size_bytes_{s}" for s in ("dense", "pruned", "quantized", "huffman")}
+    for stage in ("pruned", "quantized", "huffman"):
+        assert metrics[f"dc/ratio_{stage}"] == pytest.approx(totals["dense"] / totals[stage])
+    assert metrics["dc/bits_per_weight/0"] == rows[0]["bits_per_weight_huffman"]

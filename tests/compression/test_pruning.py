@@ -236,3 +236,13 @@ def test_one_run_distils_and_prunes(make_cfg):
     assert len(client.get_metric_history(student.info.run_id, "train/loss_kd")) == 3
     assert client.get_metric_history(student.info.run_id, "model/sparsity")[-1].value == pytest.approx(0.7, abs=1e-3)
     assert metrics["teacher/test_acc"] > 0.5 and metrics["model/nonzero_params"] < 0.5 * metrics["model/params"]
+
+
+def test_schedule_defaults_boundaries_and_labels():
+    assert SparsitySchedule("agp", end=3).times() == [0, 1, 2, 3]  # defaults: start 0, every 1
+    assert SparsitySchedule("agp", start=2, end=2).times() == [2]  # end == start: one event
+    assert SparsitySchedule("agp", end=2, initial_sparsity=0.999).initial_sparsity == 0.999
+    with pytest.raises(ValueError, match=r"initial_sparsity must lie in \[0, 1\), got 1.0"):
+        SparsitySchedule("agp", end=2, initial_sparsity=1.0)
+    assert SparsitySchedule("oneshot", start=2).describe() == "oneshot@epoch2"
+    assert SparsitySchedule("agp", start=1, end=5, every=2, unit="step").describe() == "agp steps 1..5/2"

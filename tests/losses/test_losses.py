@@ -18,6 +18,21 @@ def test_soft_target_matches_hand_computed_value():
     assert soft_target_loss(zs, zt, T).item() == pytest.approx(T**2 * kl, rel=1e-6)
 
 
+def test_soft_target_matches_the_formula_on_a_batch_at_a_temperature_where_t_squared_is_not_2t():
+    # two samples, three classes, T = 3 (at T = 2, T**2 == 2T and one sample hides the class axis)
+    zs = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]]
+    zt = [[0.0, 2.0, 1.0], [3.0, -1.0, 0.5]]
+    T = 3.0
+
+    def softmax(row: list[float]) -> list[float]:
+        e = [math.exp(v / T) for v in row]
+        return [v / sum(e) for v in e]
+
+    kl = [sum(p * math.log(p / q) for p, q in zip(softmax(t_row), softmax(s_row))) for s_row, t_row in zip(zs, zt)]
+    expected = T**2 * sum(kl) / len(kl)  # Hinton et al.: T^2 times the batch mean of KL(p_T || q_T)
+    assert soft_target_loss(torch.tensor(zs), torch.tensor(zt), T).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_soft_target_is_zero_when_student_equals_teacher():
     z = torch.randn(16, 10)
     assert soft_target_loss(z, z.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -88,3 +103,26 @@ def test_non_positive_temperature_is_refused(temperature):
 def test_mismatched_class_counts_are_refused():
     with pytest.raises(ValueError, match="differ in shape"):
         soft_target_loss(torch.randn(2, 10), torch.randn(2, 100), 4.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan"), True, "4"])
+def test_the_kd_term_refuses_a_temperature_that_is_not_a_finite_positive_number(temperature):
+    from kd.losses import SoftTarget
+
+    with pytest.raises(ValueError, match=r"distill\.temperature must be a finite number > 0, got"):
+        SoftTarget(temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1, 4.0])
+def test_the_kd_term_keeps_any_finite_positive_temperature_as_a_float(temperature):
+    from kd.losses import SoftTarget
+
+    term = SoftTarget(temperature=temperature)
+    assert term.temperature == float(temperature) and isinstance(term.temperature, float)
+
+
+def test_the_kd_term_defaults_to_hintons_temperature_and_weight_one():
+    from kd.losses import SoftTarget
+
+    term = SoftTarget()
+    assert term.temperature == 4.0 and float(term.weight) == 1.0
