@@ -84,10 +84,11 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         stage.check(student, checks)
         student = stage.prepare(student, checks)
     first = [s for s in stages if s.prepares_graph]  # QAT's graph first, a pruner's masks on it
-    for stage in first + [s for s in stages if not s.prepares_graph]:
-        callbacks |= {f"{stage.group}{'' if i == 0 else i}": c for i, c in enumerate(stage.callbacks())}
+    training = {stage.group: stage.callbacks() for stage in first + [s for s in stages if not s.prepares_graph]}
+    for group, added in training.items():
+        callbacks |= {f"{group}{'' if i == 0 else i}": c for i, c in enumerate(added)}
     compiled = compile_choice(bool(cfg.get("compile", False)), objective, data, *stages)
-    if any(stage.callbacks() for stage in stages):  # stages that train: they write the selection key
+    if any(training.values()):  # stages that train: they write the selection key
         for c in callbacks.values():
             if isinstance(c, ModelCheckpoint) and c.monitor == keys.VAL_ACC:
                 c.monitor = keys.SELECTION  # select among the epochs every stage counts (final sparsity, quantized form)
