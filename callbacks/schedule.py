@@ -43,16 +43,17 @@ class SparsitySchedule:
         initial_sparsity: float = 0.0,
     ) -> None:
         if kind not in KINDS:
-            raise ValueError(f"schedule must be one of {KINDS}, got {kind!r}")
+            raise ValueError(f"prune.schedule must be one of {KINDS}, got {kind!r}")
         if unit not in UNITS:
-            raise ValueError(f"schedule unit must be one of {UNITS}, got {unit!r}")
-        if start < 0 or every < 1:
-            raise ValueError(f"schedule needs start >= 0 and every >= 1, got start={start}, every={every}")
+            raise ValueError(f"prune.unit must be one of {UNITS}, got {unit!r}")
+        for key, value, low in (("start", start, 0), ("every", every, 1), ("end", end, 0)):
+            if (value is not None or key != "end") and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"prune.{key} must be an integer >= {low}, got {value!r}")
         if kind != "oneshot":
             if end is None or end < start:
-                raise ValueError(f"a {kind} schedule needs end >= start (got start={start}, end={end})")
-        if not 0.0 <= initial_sparsity < 1.0:
-            raise ValueError(f"initial_sparsity must lie in [0, 1), got {initial_sparsity}")
+                raise ValueError(f"a {kind} schedule needs prune.end >= prune.start (got start={start}, end={end})")
+        if isinstance(initial_sparsity, bool) or not isinstance(initial_sparsity, (int, float)) or not 0.0 <= initial_sparsity < 1.0:
+            raise ValueError(f"prune.initial_sparsity must lie in [0, 1), got {initial_sparsity!r}")
         self.kind, self.start, self.every, self.unit = kind, start, every, unit
         self.end = start if kind == "oneshot" else int(end)  # type: ignore[arg-type]
         self.initial_sparsity = initial_sparsity

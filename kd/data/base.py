@@ -80,15 +80,15 @@ class TensorDataModule(pl.LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if augment_padding < 0:
-            raise ValueError(f"data.augment_padding must be >= 0, got {augment_padding}")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+        _count("augment_padding", augment_padding, 0)
+        _count("batch_size", batch_size, 1)
+        _count("eval_batch_size", eval_batch_size, 1)
+        _count("split_seed", split_seed, 0)
+        if not _number(val_fraction) or not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must lie in (0, 1), got {val_fraction!r}")
         for name, value in (("limit_train", limit_train), ("limit_eval", limit_eval)):
-            if value is not None and value < 1:
-                raise ValueError(f"data.{name} must be a positive count or null, got {value}")
+            if value is not None:
+                _count(name, value, 1, " or null")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.val_fraction = val_fraction
@@ -213,3 +213,13 @@ class TensorDataModule(pl.LightningDataModule):
 
 def _head(split: Split, n: int | None) -> Split:
     return split if n is None else Split(split.x[:n], split.y[:n])
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(name: str, value: object, low: int, alternative: str = "") -> None:
+    """``data.<name>`` is an integer >= ``low`` (a string or 1.5 named with its key, not a torch error)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"data.{name} must be an integer >= {low}{alternative}, got {value!r}")

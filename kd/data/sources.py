@@ -53,8 +53,8 @@ class DigitsDataModule(TensorDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, val_fraction, split_seed, limit_train, limit_eval, augment,
                          augment_padding, augment_flip)  # fmt: skip
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"data.test_fraction must lie in (0, 1), got {test_fraction!r}")
         self.test_fraction = test_fraction
 
     def load(self) -> tuple[Split, None]:

@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -39,10 +40,62 @@ def check_counts(cfg: DictConfig) -> None:
     """Seeds and epoch counts, before anything is built: Lightning reads ``max_epochs=-1`` as
     "forever" and 0 trains nothing (the run then fails after MLflow runs opened), and a seed that
     is not an integer fails inside Lightning without naming the key (or trains another seed)."""
-    for key, low in (("seed", 0), ("teacher.seed", 0), ("trainer.max_epochs", 1), ("teacher.max_epochs", 1)):
+    for key, low in (("seed", 0), ("teacher.seed", 0), ("data.split_seed", 0), ("trainer.max_epochs", 1), ("teacher.max_epochs", 1)):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+# Switches that are true or false: a string such as `compile=maybe` is truthy in Python and would
+# silently switch the feature on.
+_SWITCHES = ("resume", "distill_cache", "compile", "log_steps", "measure.latency", "data.augment", "data.augment_flip",
+             "student.allow_pickle", "teacher.allow_pickle")  # fmt: skip
+
+
+def check_switches(cfg: DictConfig) -> None:
+    """The run's on/off keys are booleans, ``teacher.augment`` a boolean or null, and
+    ``measure.large_batch`` a positive batch size."""
+    for key in (*_SWITCHES, "teacher.augment"):
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool) and not (value is None and key == "teacher.augment"):
+            allowed = "true, false or null" if key == "teacher.augment" else "true or false"
+            raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    value = OmegaConf.select(cfg, "measure.large_batch")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"measure.large_batch must be an integer >= 1, got {value!r}")
+
+
+def check_optimizers(cfg: DictConfig, roles: tuple[str, ...]) -> None:
+    """Build each role's optimiser and scheduler on a stand-in parameter, so a negative learning
+    rate or a misspelled argument is refused with its key before a teacher trains (torch checks
+    its own arguments; the momentum check is kd's: SGD with momentum >= 1 never settles)."""
+    import torch
+    from hydra.utils import instantiate
+
+    for role in roles:
+        node = cfg[role]
+        momentum = node.optimizer.get("momentum")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1):
+            raise ValueError(f"{role}.optimizer.momentum must be a number in [0, 1), got {momentum!r}")
+        try:
+            optimizer = instantiate(node.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+        except Exception as err:  # torch's own checks: lr, weight_decay, betas, eps
+            raise ValueError(f"{role}.optimizer ({node.optimizer._target_}) refuses its arguments: {_reason(err)}") from err
+        if node.get("scheduler"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's "optimizer.step() before lr_scheduler.step()"
+                    optimizer.step()  # no gradient: nothing changes
+                    instantiate(node.scheduler)(optimizer).step()  # one step reads every argument (T_max=abc fails here)
+            except Exception as err:
+                raise ValueError(f"{role}.scheduler ({node.scheduler._target_}) refuses its arguments: {_reason(err)}") from err
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost message of a Hydra instantiation error (the wrapper repeats the target)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
 
 
 def check_keys(node: DictConfig) -> None:

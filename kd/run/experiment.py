@@ -22,7 +22,7 @@ from torch import nn
 from callbacks import CompressionStage, PruningCallback, StageContext, check_combination, in_order
 from kd.data import TensorDataModule
 from kd.run.compress import finetune, quantized_metrics
-from kd.run.config import SEED, check_counts, check_keys, config_hash, experiment_name
+from kd.run.config import SEED, check_counts, check_keys, check_optimizers, check_switches, config_hash, experiment_name
 from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.run.omitted import bias_correction, drop_classes, omitted_classes
 from kd.run.progress import phase
@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def _run(cfg: DictConfig) -> dict[str, float]:
     # 1. Build and check everything that can fail on bad input, before any training.
     check_counts(cfg)
+    check_switches(cfg)
     objective = instantiate(cfg.distill)
     data: TensorDataModule = instantiate(cfg.data)
     data.prepare_data()  # missing data fails here, with how to get it
@@ -59,18 +60,30 @@ def _run(cfg: DictConfig) -> dict[str, float]:
     build_student = partial(instantiate(cfg.student.model), **model_args)
     build_teacher = partial(instantiate(cfg.teacher.model), **model_args) if objective.needs_teacher else None
     check_keys(cfg.trainer)
+    teacher_trains = build_teacher is not None and not cfg.teacher.checkpoint
+    check_optimizers(cfg, ("student", "teacher") if teacher_trains else ("student",))
     student = seeded(cfg.seed, build_student)()
     if cfg.student.init_checkpoint:
-        load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
+        try:
+            load_weights(student, cfg.student.init_checkpoint, cfg.student.allow_pickle, data.input_shape)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"student.init_checkpoint: {err}") from err
     omit = omitted_classes(cfg.student.get("omit_classes"), data.num_classes)
     if build_teacher is not None:  # architecture, layer names and feature shapes checked now, not after a teacher trained
         train_size = len(drop_classes(data.train, omit).y) if omit else len(data.train.y)
-        prepare = partial(objective.prepare, student, build_teacher(), data.input_shape, data.num_classes, train_size)
+        probe = build_teacher()
+        if cfg.teacher.checkpoint:  # the given weights must fit the architecture (loaded again in step 2)
+            try:
+                load_weights(probe, cfg.teacher.checkpoint, cfg.teacher.allow_pickle, data.input_shape)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"teacher.checkpoint: {err}") from err
+        prepare = partial(objective.prepare, student, probe, data.input_shape, data.num_classes, train_size)
         seeded(cfg.seed, prepare)()  # the terms' own parameters (regressors, heads) from the run's seed
     trainers = Trainers(
         OmegaConf.to_container(cfg.trainer, resolve=True),
         {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None},  # the one instantiation
     )
+    trainers.check()
     measurement = Measurement(int(cfg.measure.large_batch), bool(cfg.measure.latency))
     callbacks = trainers.callbacks()
     pruner: PruningCallback | None = _optional(cfg, "prune")

@@ -104,7 +104,22 @@ class Tracker:
                         f"store: mv {db} {db}.broken (its runs' artifacts stay under {db.parent / 'mlartifacts'}), "
                         "or point tracking.uri elsewhere"
                     ) from err
-        return self._get_or_create_experiment(artifact_root)
+        try:
+            return self._get_or_create_experiment(artifact_root)
+        except ModuleNotFoundError as err:  # a database URI without its driver
+            hint = {
+                "psycopg": "pip install psycopg, or name the driver kd's dev extra installs: postgresql+psycopg2://...",
+                "psycopg2": "pip install psycopg2-binary (in kd's dev extra)",
+            }.get(str(err.name), f"pip install {err.name}")
+            raise ModuleNotFoundError(f"tracking.uri {self.uri} needs the Python package {err.name!r}, which is not installed: {hint}",
+                                      name=err.name) from err
+        except MlflowException as err:
+            if "unsupported URI" not in str(err):
+                raise
+            raise ValueError(
+                f"tracking.uri {self.uri!r} is not a store MLflow can use: sqlite:///<file>, "
+                "http(s)://<server>, postgresql://..., mysql://... or a folder (MLflow's deprecated file store)"
+            ) from err
 
     def _get_or_create_experiment(self, artifact_root: Path | None) -> str:
         self.client = MlflowClient(tracking_uri=self.uri)

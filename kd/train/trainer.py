@@ -56,6 +56,19 @@ class Trainers:
         overrides.setdefault("use_distributed_sampler", False)
         return instantiate(dict(self.settings), callbacks=callbacks, logger=logger, max_epochs=max_epochs, **overrides)
 
+    def check(self) -> None:
+        """Build one trainer from the settings now (a few milliseconds), so an accelerator this
+        machine lacks, a device count or a precision Lightning refuses is named before anything
+        opens or trains."""
+        try:
+            self.build([], False, 1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        except Exception as err:
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            shown = {k: self.settings.get(k) for k in ("accelerator", "devices", "strategy", "precision") if k in self.settings}
+            raise ValueError(f"Lightning refuses the trainer settings ({', '.join(f'trainer.{k}={v}' for k, v in shown.items())}): {cause}") from err
+
     def test_accuracy(self, model: nn.Module, data: TensorDataModule) -> float:
         """Test accuracy of ``model`` through a quiet trainer of the run's kind (its devices)."""
         module = ClassifierModule(model, data.num_classes, optimizer=None)  # evaluation only

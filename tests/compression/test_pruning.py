@@ -46,8 +46,10 @@ def test_a_schedule_always_ends_with_an_event_at_end():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"kind": "cubic"}, "schedule must be one of"), ({"kind": "agp", "start": 5, "end": 2}, "end >= start"),
-     ({"unit": "batch"}, "unit must be one of"), ({"every": 0}, "every >= 1")],
+    [({"kind": "cubic"}, "schedule must be one of"), ({"kind": "agp", "start": 5, "end": 2}, r"prune\.end >= prune\.start"),
+     ({"unit": "batch"}, "unit must be one of"), ({"every": 0}, r"prune\.every must be an integer >= 1, got 0"), ({"start": -1}, r"prune\.start must be an integer >= 0, got -1"),
+     ({"start": 1.5}, r"prune\.start must be an integer >= 0, got 1\.5"), ({"kind": "agp", "start": 0, "end": -1}, r"prune\.end must be an integer >= 0"),
+     ({"initial_sparsity": 1.0}, r"prune\.initial_sparsity must lie in \[0, 1\), got 1\.0")],
 )  # fmt: skip
 def test_bad_schedules_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
