@@ -60,7 +60,7 @@ def latency(name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], r
         times: dict[str, list[float]] = {"dense": [], "masked": [], "physical": []}
         for _ in range(repeats):
             for label, model in (("dense", dense), ("masked", masked), ("physical", physical)):
-                times[label].append(latency_ms(model, shape, batch, min_run_time=0.5))
+                times[label].append(latency_ms(model, shape, batch, threads=torch.get_num_threads(), full=True))
         speed = {k: statistics.median(a / b for a, b in zip(times["dense"], times[k])) for k in ("masked", "physical")}
         ms = {k: statistics.median(v) for k, v in times.items()}
         share = speed["physical"] / mac_reduction

@@ -48,21 +48,18 @@ def check_counts(cfg: DictConfig) -> None:
 
 # Switches that are true or false: a string such as `compile=maybe` is truthy in Python and would
 # silently switch the feature on.
-_SWITCHES = ("resume", "distill_cache", "compile", "log_steps", "measure.latency", "data.augment", "data.augment_flip",
+_SWITCHES = ("resume", "distill_cache", "compile", "log_steps", "data.augment", "data.augment_flip",
              "student.allow_pickle", "teacher.allow_pickle")  # fmt: skip
 
 
 def check_switches(cfg: DictConfig) -> None:
-    """The run's on/off keys are booleans, ``teacher.augment`` a boolean or null, and
-    ``measure.large_batch`` a positive batch size."""
+    """The run's on/off keys are booleans and ``teacher.augment`` a boolean or null (``measure.*``:
+    checked by ``Measurement``)."""
     for key in (*_SWITCHES, "teacher.augment"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool) and not (value is None and key == "teacher.augment"):
             allowed = "true, false or null" if key == "teacher.augment" else "true or false"
             raise ValueError(f"{key} must be {allowed}, got {value!r}")
-    value = OmegaConf.select(cfg, "measure.large_batch")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"measure.large_batch must be an integer >= 1, got {value!r}")
 
 
 def check_optimizers(cfg: DictConfig, roles: tuple[str, ...]) -> None:

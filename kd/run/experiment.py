@@ -30,7 +30,7 @@ from kd.run.signals import sigterm_ends_the_run
 from kd.run.sweep import SWEPT_ENV, short_name
 from kd.run.summary import print_summary, summary_metrics
 from kd.tracking import keys
-from kd.tracking.measure import Measurement, accuracy
+from kd.tracking.measure import NOISY, Measurement, accuracy, noisy_latencies
 from kd.tracking.tracker import Tracker, hydra_context, resolve_uri
 from kd.train.checkpoint import load_weights, save_weights
 from kd.train.modules import ClassifierModule, DistillationModule
@@ -84,7 +84,7 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None},  # the one instantiation
     )
     trainers.check()
-    measurement = Measurement(int(cfg.measure.large_batch), bool(cfg.measure.latency))
+    measurement = Measurement(cfg.measure.large_batch, cfg.measure.latency, cfg.measure.get("threads", 1))
     callbacks = trainers.callbacks()
     pruner: PruningCallback | None = _optional(cfg, "prune")
     if pruner is not None:
@@ -194,13 +194,17 @@ def _run(cfg: DictConfig) -> dict[str, float]:
             if result.deployed is not None:
                 deployed = result
         measured = ["the student"] + (["its int8 form"] if deployed is not None else []) + (["the teacher"] if teacher else [])
-        with phase("measuring " + ", ".join(measured) + (" (latency on)" if measurement.latency else "")):
+        timing = {True: " (latency: quick)", "quick": " (latency: quick)", "full": " (latency: full benchmark)"}.get(measurement.latency, "")
+        with phase("measuring " + ", ".join(measured) + timing):
             final.update(keys.prefixed(keys.MODEL, measurement(module.model, data.input_shape)))
             if deployed is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
                 final.update(quantized_metrics(measurement, module.model, deployed.deployed, data, final, float(tested[keys.TEST_ACC])))
             if teacher is not None:
                 final[keys.TEACHER_TEST_ACC] = teacher_acc
                 final.update(keys.prefixed(keys.TEACHER, measurement(teacher.model, data.input_shape)))
+        if noisy := noisy_latencies(final):  # a busy machine: the medians are less trustworthy than they look
+            log.warning("latency spread above %d%% of the median for %s: the machine was busy while timing", NOISY * 100, ", ".join(noisy))
+            tracker.set_tags(run_id, {"kd.latency_noisy": ",".join(noisy)})
         final.update(summary_metrics(final, reshaped_by))
         metrics = {keys.TEST_ACC: float(tested[keys.TEST_ACC]), **final}
         with phase("saving the student and logging to MLflow"):

@@ -14,8 +14,10 @@ import contextlib
 import copy
 import io
 import math
+import statistics
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -77,24 +79,99 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, min_run_time: float = 0.2) -> float:
-    """Median wall time of one forward pass in milliseconds (``torch.utils.benchmark``, which
-    warms up, picks the number of repeats, and reports the median of blocks of runs)."""
+# How latency is timed (``measure.latency``): quick, a fixed thread count and a short budget of
+# single forward passes per batch size (a few hundred milliseconds per model), or full, torch's
+# benchmark timer (warm-up, adaptive repeats, blocks; seconds per model), or not at all.
+LATENCY_MODES = (True, False, "quick", "full")
+QUICK_BUDGET_S = 0.05  # per batch size; at least MIN_REPEATS passes whatever the budget
+MIN_REPEATS, MAX_REPEATS = 5, 2000  # timed blocks
+WARMUP, WARMUP_S = 3, 0.01  # warm-up: at least 3 passes and 10 ms
+BLOCK_S = 0.0005  # shortest timed block: faster passes are timed several to a block
+NOISY = 0.5  # a spread (interquartile range over the median) above this flags the run's latency as noisy
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A latency measurement: the median forward pass, its spread and how many passes it saw."""
+
+    median_ms: float
+    spread: float  # interquartile range / median: about 0.1 on a quiet machine, > NOISY on a busy one
+    repeats: int
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count fixed at ``count`` while timing (restored after)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def time_forward(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, threads: int = 1, full: bool = False,
+    budget_s: float = QUICK_BUDGET_S, clock: Callable[[], float] = time.perf_counter,
+) -> Timing:  # fmt: skip
+    """Median wall time of one forward pass of a batch of ``batch_size``, in milliseconds, with
+    ``threads`` intra-op threads. Quick: a warm-up (``WARMUP`` passes and ``WARMUP_S``), then blocks of passes (one pass, or
+    as many as take ``BLOCK_S``) timed until ``budget_s`` is spent (``MIN_REPEATS`` to
+    ``MAX_REPEATS`` blocks); the median and spread are per pass. Full: ``torch.utils.benchmark``'s
+    ``blocked_autorange`` over one second. ``clock``: seconds (a test passes its own)."""
     x = torch.randn(batch_size, *input_shape, device=_device(model))
-    timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
-    with torch.no_grad():
-        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    with torch.no_grad(), _threads(threads):
+        if full:
+            timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+            found = timer.blocked_autorange(min_run_time=1.0)
+            return Timing(found.median * 1e3, found.iqr / found.median if found.median else 0.0, found.number_per_run * len(found.times))
+        began, warm = clock(), 0
+        while warm < WARMUP or (warm < MAX_REPEATS and clock() - began < WARMUP_S):
+            model(x)
+            warm += 1
+        # passes shorter than BLOCK_S are timed in blocks of several: the clock's own jitter
+        # would otherwise be most of the spread of a 30 us forward pass
+        block = max(1, int(BLOCK_S / max((clock() - began) / warm, 1e-9)))
+        times: list[float] = []
+        deadline = clock() + budget_s
+        while len(times) < MIN_REPEATS or (len(times) < MAX_REPEATS and clock() < deadline):
+            began = clock()
+            for _ in range(block):
+                model(x)
+            times.append((clock() - began) / block)
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(median * 1e3, (q3 - q1) / median if median else 0.0, len(times) * block)
+
+
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, threads: int = 1, full: bool = False) -> float:
+    """The median of :func:`time_forward`, in milliseconds."""
+    return time_forward(model, input_shape, batch_size, threads, full).median_ms
+
+
+def _latencies(model: nn.Module, input_shape: tuple[int, ...], batches: tuple[int, ...], threads: int, full: bool) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for batch in batches:
+        timing = time_forward(model, input_shape, batch, threads, full)
+        result[f"latency_ms_b{batch}"] = timing.median_ms
+        result[f"latency_spread_b{batch}"] = timing.spread
+    return result
+
+
+def noisy_latencies(metrics: dict[str, float]) -> list[str]:
+    """The latency keys of ``metrics`` whose spread is above ``NOISY`` (what the run flags)."""
+    return sorted(k.replace("latency_spread_", "latency_ms_") for k, v in metrics.items() if "latency_spread_b" in k and v > NOISY)
 
 
 def measure(
-    model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool = True
+    model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool | str = True, threads: int = 1
 ) -> dict[str, float]:
     """All measurements of ``model`` on the CPU, in eval mode, on a copy (the model is untouched).
 
     Returns:
         ``params``, ``nonzero_params``, ``sparsity_all`` (zero fraction of all parameters),
-        ``size_bytes``, ``size_bytes_zip``, ``size_bytes_sparse``, ``macs`` and, when ``latency``
-        is set, ``latency_ms_b1`` and ``latency_ms_b<large_batch>`` (medians).
+        ``size_bytes``, ``size_bytes_zip``, ``size_bytes_sparse``, ``macs`` and, unless
+        ``latency`` is false, ``latency_ms_b1`` and ``latency_ms_b<large_batch>`` (medians, with
+        ``threads`` threads) and their ``latency_spread_b*`` (interquartile range / median).
     """
     probe = copy.deepcopy(model).cpu().eval()
     params, nonzero = count_params(probe), count_nonzero(probe)
@@ -108,8 +185,7 @@ def measure(
         "macs": count_macs(probe, input_shape),
     }
     if latency:
-        result["latency_ms_b1"] = latency_ms(probe, input_shape, 1)
-        result[f"latency_ms_b{large_batch}"] = latency_ms(probe, input_shape, large_batch)
+        result |= _latencies(probe, input_shape, (1, large_batch), threads, latency == "full")
     return result
 
 
@@ -118,29 +194,39 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def measure_quantized(model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool = True) -> dict[str, float]:
+def measure_quantized(
+    model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool | str = True, threads: int = 1
+) -> dict[str, float]:
     """Size on disk and CPU latency of an int8 model (its packed weights are not parameters, so
     parameter counts and the FLOP counter do not apply)."""
     result: dict[str, float] = {"size_bytes": state_dict_bytes(model), "size_bytes_zip": zip_bytes(model)}
     if latency:
-        result["latency_ms_b1"] = latency_ms(model, input_shape, 1)
-        result[f"latency_ms_b{large_batch}"] = latency_ms(model, input_shape, large_batch)
+        result |= _latencies(model, input_shape, (1, large_batch), threads, latency == "full")
     return result
 
 
 @dataclass(frozen=True)
 class Measurement:
     """How a run measures its models (``cfg.measure``): the large batch of the throughput
-    latency, and whether latency is timed at all (it is the slow and noisy part)."""
+    latency, how latency is timed (true or ``quick``: a short budget per batch size; ``full``:
+    torch's benchmark timer; false: not timed) and with how many threads."""
 
     large_batch: int = 256
-    latency: bool = True
+    latency: bool | str = True
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.latency not in LATENCY_MODES or (self.latency in (0, 1) and not isinstance(self.latency, bool)):
+            raise ValueError(f"measure.latency must be one of true, false, quick, full, got {self.latency!r}")
+        for key, value in (("large_batch", self.large_batch), ("threads", self.threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"measure.{key} must be an integer >= 1, got {value!r}")
 
     def __call__(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
-        return measure(model, input_shape, self.large_batch, self.latency)
+        return measure(model, input_shape, self.large_batch, self.latency, self.threads)
 
     def quantized(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
-        return measure_quantized(model, input_shape, self.large_batch, self.latency)
+        return measure_quantized(model, input_shape, self.large_batch, self.latency, self.threads)
 
 
 @contextlib.contextmanager

@@ -116,7 +116,7 @@ def test_measuring_leaves_the_model_as_it_was_and_names_every_quantity():
     found = measure(model, (3,), large_batch=4)  # latency on by default
     assert all(m.training for m in model.modules())  # measured on a copy in eval mode
     assert set(found) == {"params", "nonzero_params", "sparsity_all", "size_bytes", "size_bytes_zip", "size_bytes_sparse",
-                          "macs", "latency_ms_b1", "latency_ms_b4"}  # fmt: skip
+                          "macs", "latency_ms_b1", "latency_ms_b4", "latency_spread_b1", "latency_spread_b4"}  # fmt: skip
     assert "latency_ms_b256" in measure(model, (3,))  # the default large batch
     assert not any(k.startswith("latency") for k in Measurement(large_batch=4, latency=False)(model, (3,)))
 
@@ -128,7 +128,8 @@ def test_a_quantized_model_is_measured_by_its_file_and_latency():
     sizes = {"size_bytes": state_dict_bytes(model), "size_bytes_zip": zip_bytes(model)}
     assert measure_quantized(model, (3,), large_batch=4, latency=False) == sizes
     timed = Measurement(large_batch=4).quantized(model, (3,))
-    assert set(timed) == {*sizes, "latency_ms_b1", "latency_ms_b4"} and all(timed[k] > 0 for k in timed)
+    assert set(timed) == {*sizes, "latency_ms_b1", "latency_ms_b4", "latency_spread_b1", "latency_spread_b4"}
+    assert all(timed[k] > 0 for k in timed if "spread" not in k)
     assert "latency_ms_b256" in measure_quantized(model, (3,)) and "latency_ms_b4" not in Measurement(4, False).quantized(model, (3,))
 
 
@@ -148,3 +149,80 @@ def test_latency_is_the_forward_pass_in_milliseconds():
     measured = latency_ms(model, (256,), 64)
     assert by_hand / 10 < measured < by_hand * 10  # the same order: milliseconds of this forward, not of `pass`
     assert measure(model, (256,), large_batch=64)["latency_ms_b1"] > 0
+
+
+class _Clocked(nn.Module):
+    """A forward pass that takes the next of ``durations`` (seconds) on a fake clock, and notes
+    the thread count it ran with."""
+
+    def __init__(self, durations: list[float]) -> None:
+        super().__init__()
+        self.now, self.durations, self.threads = 0.0, list(durations), []
+
+    def clock(self) -> float:
+        return self.now
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.now += self.durations.pop(0)
+        self.threads.append(torch.get_num_threads())
+        return x
+
+
+def test_quick_timing_reports_the_median_and_the_interquartile_spread_of_its_passes():
+    from kd.tracking.measure import MIN_REPEATS, WARMUP, time_forward
+
+    timed = [0.001, 0.002, 0.003, 0.004, 0.005]  # ms 1..5: median 3, quartiles 2 and 4 (inclusive)
+    model = _Clocked([0.5] * WARMUP + timed + [1.0] * 10)
+    timing = time_forward(model, (3,), 1, budget_s=0.0, clock=model.clock)
+    assert timing.repeats == MIN_REPEATS == 5  # a spent budget still times MIN_REPEATS passes
+    assert timing.median_ms == pytest.approx(3.0)
+    assert timing.spread == pytest.approx((4.0 - 2.0) / 3.0)
+    steady = _Clocked([0.001] * (WARMUP + 40))  # 1 ms passes within a 25 ms budget: about 25 of them
+    found = time_forward(steady, (3,), 1, budget_s=0.025, clock=steady.clock)
+    assert 24 <= found.repeats <= 26 and found.spread == 0.0 and found.median_ms == pytest.approx(1.0)
+    fast = _Clocked([0.0001] * 1000)  # 0.1 ms passes: timed five to a block of BLOCK_S = 0.5 ms
+    timing = time_forward(fast, (3,), 1, budget_s=0.0, clock=fast.clock)
+    assert timing.repeats == MIN_REPEATS * 5 and timing.median_ms == pytest.approx(0.1)
+    assert 1000 - 25 - len(fast.durations) in (100, 101)  # warm-up: WARMUP_S = 10 ms of passes (float sums), then 5 blocks of 5
+
+
+def test_timing_runs_with_the_thread_count_asked_and_restores_the_callers():
+    from kd.tracking.measure import time_forward
+
+    before = torch.get_num_threads()
+    model = _Clocked([0.001] * 20)
+    time_forward(model, (3,), 1, threads=1, budget_s=0.0, clock=model.clock)
+    assert set(model.threads) == {1} and torch.get_num_threads() == before
+
+
+def test_every_latency_comes_with_its_spread_and_a_noisy_one_is_named():
+    from kd.tracking.measure import NOISY, noisy_latencies
+
+    found = measure(_mlp(), (3,), large_batch=4)
+    assert {"latency_spread_b1", "latency_spread_b4"} <= set(found) and all(found[k] >= 0 for k in ("latency_spread_b1", "latency_spread_b4"))
+    spreads = {"model/latency_spread_b1": NOISY + 0.01, "teacher/latency_spread_b256": NOISY, "model/latency_ms_b1": 9.0}
+    assert noisy_latencies(spreads) == ["model/latency_ms_b1"]  # above NOISY only, strictly
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [({"latency": "yes"}, "measure.latency must be one of true, false, quick, full, got 'yes'"),
+                                               ({"latency": 1}, "measure.latency"), ({"threads": 0}, "measure.threads must be an integer >= 1, got 0"),
+                                               ({"large_batch": 2.5}, "measure.large_batch must be an integer >= 1, got 2.5")])  # fmt: skip
+def test_bad_measurement_settings_are_refused(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        Measurement(**kwargs)
+    assert words in str(err.value)
+
+
+def test_a_run_timed_on_a_busy_machine_is_flagged(make_cfg, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from kd.run.experiment import run
+    from kd.tracking import measure as measuring
+
+    monkeypatch.setattr(measuring, "NOISY", -1.0)  # every spread counts as large
+    cfg = make_cfg("measure.latency=true", "measure.large_batch=8")
+    metrics = run(cfg)
+    assert metrics["model/latency_ms_b8"] > 0 and "teacher/latency_spread_b1" in metrics
+    client = MlflowClient(f"sqlite:///{cfg.paths.output_root}/mlflow.db")
+    (student,) = [r for r in client.search_runs([client.get_experiment_by_name("kd").experiment_id]) if r.data.tags.get("kd.role") == "student"]
+    assert set(student.data.tags["kd.latency_noisy"].split(",")) == {"model/latency_ms_b1", "model/latency_ms_b8", "teacher/latency_ms_b1", "teacher/latency_ms_b8"}
