@@ -7,7 +7,6 @@ only the Hydra shim) and returns the metrics, ``val/acc_best`` being what a swee
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ from torch import nn
 from callbacks import CompressionStage, PruningCallback, StageContext, check_combination, in_order
 from kd.data import TensorDataModule
 from kd.run.compress import finetune, quantized_metrics
-from kd.run.config import SEED, check_counts, check_keys, check_optimizers, check_switches, config_hash, experiment_name
+from kd.run.config import check_counts, check_keys, check_optimizers, check_switches, experiment_name
+from kd.run.identity import run_identity
 from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
 from kd.run.omitted import bias_correction, drop_classes, omitted_classes
 from kd.run.progress import phase
 from kd.run.signals import sigterm_ends_the_run
-from kd.run.sweep import SWEPT_ENV, short_name
 from kd.run.summary import print_summary, summary_metrics
 from kd.tracking import keys
 from kd.tracking.measure import NOISY, Measurement, accuracy, noisy_latencies
@@ -114,20 +113,11 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         enabled=rank_zero_only.rank == 0,
     )
     context = hydra_context()
-    name = cfg.tracking.run_name or _run_name(cfg, objective, context, *stages)
-    fingerprint_cfg = config_hash(cfg)
+    name, tags = run_identity(cfg, objective, tuple(stages), context, tracker.experiment_name)
+    fingerprint_cfg = tags["kd.config_hash"]
     if cfg.resume and (done := tracker.finished_run(fingerprint_cfg)) is not None:
         log.info("resume: skipping '%s', FINISHED as run %s", name, done.pop("run_id"))
         return done
-    tags = {
-        "kd.role": "student",
-        "kd.objective": objective.describe(),
-        "kd.compression": " + ".join(stage.describe() for stage in stages) or "none",
-        "kd.config_hash": fingerprint_cfg,
-        "kd.group": config_hash(cfg, SEED),  # what a report pools: equal but for the seed
-        **({"kd.debug": "true"} if tracker.experiment_name != cfg.tracking.experiment else {}),
-        **({"kd.paper": str(cfg.reproduce.paper), "kd.setting": str(cfg.reproduce.setting)} if cfg.get("reproduce", {}).get("paper") else {}),
-    }
     with tracker.open_run(name, tags | context["tags"]) as run_id:
         tracker.log_config(run_id, OmegaConf.to_container(cfg, resolve=True))
 
@@ -254,26 +244,6 @@ def _student_module(
         student, teacher.model, input_shape=data.input_shape, teacher_inputs=data.train.x if cache else None,
         num_samples=len(data.train.y), **common,
     )
-
-
-def _run_name(cfg: DictConfig, objective: Any, context: dict[str, Any], *compression: Any) -> str:
-    """``mlp_small<-mlp kd T=4 a=0.9 seed=0``; in a sweep the swept values lead, so the UI's cut
-    name column still shows them: ``T=4 a=0.9 seed=1 · mlp_small<-mlp kd``."""
-    choices = context["choices"]
-    student = choices.get("model@student.model", "student")
-    what = " + ".join([objective.describe(), *(c.describe() for c in compression if c is not None)])
-    teacher = f"<-{choices.get('model@teacher.model', 'teacher')}" if objective.needs_teacher else ""
-    name = f"{student}{teacher} {what} seed={cfg.seed}"
-    swept = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
-    if not swept:
-        return name
-    lead = [f"{short_name(k)}={_value(OmegaConf.select(cfg, k, default='?'))}" for k in swept]
-    rest = [token for token in name.split(" ") if token not in lead]
-    return " ".join(lead) + " · " + " ".join(rest)
-
-
-def _value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _optional(cfg: DictConfig, group: str) -> Any:

@@ -87,6 +87,7 @@ class Tracker:
         self.experiment_name = experiment
         self.enabled = enabled
         self.client: MlflowClient | None = None
+        self._failed: set[str] = set()
         self.experiment_id = self._connect(artifact_root) if enabled else ""
 
     def _connect(self, artifact_root: Path | None) -> str:
@@ -153,9 +154,11 @@ class Tracker:
         saved_env = os.environ.get("MLFLOW_TRACKING_URI")
         try:
             yield run_id
-            self.client.set_terminated(run_id, "FINISHED")  # inside: a signal during this write still fails the run
+            if run_id not in self._failed:  # a pack's student that failed alone stays FAILED
+                self.client.set_terminated(run_id, "FINISHED")  # inside: a signal during this write still fails the run
         except BaseException as err:
-            self._fail(run_id, err)
+            if run_id not in self._failed:
+                self._fail(run_id, err)
             raise
         finally:
             if saved_env is None:
@@ -163,7 +166,13 @@ class Tracker:
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
+    def fail(self, run_id: str, err: BaseException) -> None:
+        """End the open run ``run_id`` FAILED now, with ``err`` as the reason (one student of a
+        pack); its ``open_run`` then leaves it so."""
+        self._fail(run_id, err)
+
     def _fail(self, run_id: str, err: BaseException) -> None:
+        self._failed.add(run_id)
         cause = err
         if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
             cause = err.__context__  # Lightning turns Ctrl-C into sys.exit(1)
