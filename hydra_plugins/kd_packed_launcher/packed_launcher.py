@@ -7,30 +7,20 @@ Every job still goes through Hydra's ``run_job`` (its folder, ``.hydra/`` files,
 callbacks); a packed job's task only records its config there, and the pack trains after.
 """
 
-# (no `from __future__ import annotations`: Hydra loads plugin modules outside sys.modules, where dataclasses cannot resolve string annotations)
+# (its options live in conf/hydra/launcher/packed.yaml, not in Hydra's ConfigStore: a stored
+# dataclass would be pickled into submitit's jobs, whose workers cannot import this folder)
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PackedLauncherConf:
-    _target_: str = "hydra_plugins.kd_packed_launcher.packed_launcher.PackedLauncher"
-    max_pack: int = 16  # the most students one pack trains together
-
-
-ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="kd")
 
 
 class PackedLauncher(Launcher):

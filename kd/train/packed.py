@@ -10,9 +10,11 @@ are plain modules whose parameters are the optimiser's leaves: each step stacks 
 differentiable), so every student's gradient and update is the one it would get alone, up to
 the float reordering of batched matrix products.
 
-What a pack does not cover yet (``packable`` says which, and the launcher then runs the job
-alone): feature terms (hooks), batch norm (running statistics under ``vmap``), dropout (the
-pack's random masks would differ from a lone run's), random augmentation, and compression stages.
+Batch norm works: each student's running statistics are stacked with its parameters, updated
+under ``vmap`` and written back after every training step. What a pack does not cover yet
+(``unpackable_reason`` and ``kd.run.pack.alone_reason`` say which, and the launcher then runs the
+job alone): feature terms (hooks), dropout (the pack's random masks would differ from a lone
+run's), random augmentation, and compression stages.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ def unpackable_reason(model: nn.Module, objective: Objective) -> str | None:
     if objective.needs_features:
         return f"the objective {objective.describe()!r} reads features (hooks)"
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return f"the student has batch norm ({name})"
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             return f"the student has dropout ({name})"
     return None
@@ -131,7 +131,13 @@ class PackedStudents(pl.LightningModule):
         def one(p: dict[str, Tensor], b: dict[str, Tensor], xi: Tensor) -> Tensor:
             return functional_call(self._architecture[0], (p, b), (xi,))
 
-        return vmap(one, in_dims=(0, 0, None if shared else 0))(params, buffers, x)
+        logits = vmap(one, in_dims=(0, 0, None if shared else 0))(params, buffers, x)
+        if buffers and self.training:  # batch norm updated the stacked running statistics: each student keeps its own
+            with torch.no_grad():
+                for name, stacked in buffers.items():
+                    for student, value in zip(self.students, stacked):
+                        student.get_buffer(name).copy_(value)
+        return logits
 
     def teacher_logits(self, x: Tensor, index: Tensor) -> Tensor:
         if self.cached_teacher_logits is not None:

@@ -73,7 +73,7 @@ def test_what_a_pack_cannot_carry_is_named():
 
     plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     assert unpackable_reason(plain, CrossEntropy()) is None
-    assert "batch norm (1)" in unpackable_reason(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 2)), CrossEntropy())
+    assert unpackable_reason(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 2)), CrossEntropy()) is None  # packs carry batch norm
     assert "dropout (1)" in unpackable_reason(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)), CrossEntropy())
 
 
@@ -123,3 +123,32 @@ def test_the_packed_launcher_packs_what_it_can_runs_the_rest_alone_and_resumes(r
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("resume: skipping") == 4
     assert len(_student_runs(tmp_path / "outputs")[1]) == 4  # nothing trained again
+
+
+def test_students_with_batch_norm_keep_their_own_running_statistics_and_equal_their_lone_runs(make_cfg, tmp_path):
+    common = ("model@student.model=resnet8", "trainer.max_epochs=2", "data.limit_train=256", "data.limit_eval=128")
+    variants = [("seed=0",), ("seed=1", "distill.temperature=2")]
+    packed = [make_cfg(*common, *v, f"paths.run_dir={tmp_path / f'pack{i}'}", f"paths.output_root={tmp_path / 'pack'}") for i, v in enumerate(variants)]
+    results = run_pack([Job(c, {"choices": {}, "tags": {}}) for c in packed])
+    for i, v in enumerate(variants):
+        alone = run(make_cfg(*common, *v, f"paths.run_dir={tmp_path / f'alone{i}'}", f"paths.output_root={tmp_path / 'alone'}"))
+        mine, theirs = torch.load(tmp_path / f"pack{i}" / "student.pt"), torch.load(tmp_path / f"alone{i}" / "student.pt")
+        stats = [k for k in mine if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert stats and all(torch.allclose(mine[k].float(), theirs[k].float(), atol=1e-4) for k in stats), "running statistics"
+        assert all(torch.allclose(mine[k], theirs[k], atol=1e-4) for k in mine)
+        assert results[i]["test/acc"] == pytest.approx(alone["test/acc"], abs=1e-6)
+    first, second = (torch.load(tmp_path / f"pack{i}" / "student.pt") for i in (0, 1))
+    assert not torch.equal(first[stats[0]], second[stats[0]])  # each its own statistics
+
+
+def test_the_packed_launcher_option_composes_and_refuses_a_bad_pack_size():
+    from hydra import compose, initialize_config_dir
+
+    from hydra_plugins.kd_packed_launcher.packed_launcher import PackedLauncher
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=packed", "hydra.launcher.max_pack=4"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("PackedLauncher") and cfg.hydra.launcher.max_pack == 4
+    with pytest.raises(ValueError, match=r"hydra\.launcher\.max_pack must be an integer >= 1, got 0"):
+        PackedLauncher(max_pack=0)
