@@ -1,0 +1,194 @@
+"""The teacher's fingerprint and cache (kd/train/teacher.py, kd/run/teacher_step.py), without
+training: a stand-in ``train`` counts calls, so each rule is checked on both sides quickly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kd.train import teacher as teachers
+from kd.train.teacher import fingerprint, obtain_teacher, seeded
+
+
+class _Data:
+    input_shape = (3,)
+
+
+class _Module:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+
+class _Trainer:
+    """``train``: nudges the weights (a "trained" teacher differs from a fresh one) and counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module: _Module) -> tuple[dict[str, float], str | None]:
+        self.calls += 1
+        with torch.no_grad():
+            for p in module.model.parameters():
+                p.add_(1.0)
+        return {"val/acc": 0.5 + self.calls / 100}, f"run{self.calls}"
+
+
+def _build() -> nn.Module:
+    return nn.Linear(3, 2)
+
+
+RECIPE = {"model": {"hidden": [4]}, "seed": 0, "max_epochs": 3}
+
+
+def _obtain(tmp_path: Path, train: _Trainer, recipe: dict = RECIPE, checkpoint: str | None = None):
+    return obtain_teacher(seeded(0, _build), recipe, _Data(), tmp_path / "cache", checkpoint, False, train, _Module)
+
+
+def test_the_fingerprint_is_the_sha256_of_the_versioned_canonical_recipe():
+    expected = hashlib.sha256(json.dumps({"version": 1, **RECIPE}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    assert fingerprint(RECIPE) == expected and teachers.FINGERPRINT_VERSION == 1
+    assert fingerprint(dict(reversed(list(RECIPE.items())))) == expected  # key order does not matter
+    for key, value in (("seed", 1), ("max_epochs", 4), ("model", {"hidden": [5]})):
+        assert fingerprint(RECIPE | {key: value}) != expected, key
+    assert fingerprint(RECIPE | {"extra": None}) != expected
+
+
+def test_a_new_fingerprint_version_retrains_everything(monkeypatch):
+    before = fingerprint(RECIPE)
+    monkeypatch.setattr(teachers, "FINGERPRINT_VERSION", 2)
+    assert fingerprint(RECIPE) != before
+
+
+def test_a_teacher_is_trained_once_stored_with_its_checksum_then_reused(tmp_path):
+    train = _Trainer()
+    first = _obtain(tmp_path, train)
+    folder = tmp_path / "cache" / fingerprint(RECIPE)
+    assert (first.source, first.fingerprint, first.path, first.run_id, train.calls) == ("trained", fingerprint(RECIPE), folder / "teacher.pt", "run1", 1)
+    assert first.metrics == {"val/acc": 0.51}
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["sha256"] == hashlib.sha256((folder / "teacher.pt").read_bytes()).hexdigest()
+    assert (meta["fingerprint"], meta["recipe"], meta["metrics"], meta["run_id"]) == (fingerprint(RECIPE), RECIPE, {"val/acc": 0.51}, "run1")
+    assert meta["created"] and not (folder / "meta.json.tmp").exists()
+    assert (tmp_path / "cache" / f"{fingerprint(RECIPE)}.lock").exists()  # parallel jobs wait on it
+    again = _obtain(tmp_path, train)
+    assert (again.source, again.path, again.run_id, again.metrics, train.calls) == ("cache", folder / "teacher.pt", "run1", {"val/acc": 0.51}, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    fresh = seeded(0, _build)()
+    assert not torch.equal(again.model.weight, fresh.weight)  # the trained weights, not a fresh build
+
+
+def test_another_recipe_trains_another_teacher(tmp_path):
+    train = _Trainer()
+    _obtain(tmp_path, train)
+    other = _obtain(tmp_path, train, RECIPE | {"seed": 1})
+    assert other.source == "trained" and train.calls == 2
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == sorted([fingerprint(RECIPE), fingerprint(RECIPE | {"seed": 1})])
+
+
+def test_a_checkpoint_is_loaded_and_nothing_is_cached(tmp_path):
+    weights = tmp_path / "given.pt"
+    given = nn.Linear(3, 2)
+    torch.save(given.state_dict(), weights)
+    train = _Trainer()
+    loaded = _obtain(tmp_path, train, checkpoint=str(weights))
+    assert (loaded.source, loaded.path, loaded.metrics, loaded.run_id, train.calls) == ("checkpoint", weights, {}, None, 0)
+    assert torch.equal(loaded.model.weight, given.weight) and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("damage", ["checksum", "truncated", "no meta"])
+def test_a_damaged_or_unfinished_entry_is_trained_again(tmp_path, damage, caplog):
+    train = _Trainer()
+    _obtain(tmp_path, train)
+    folder = tmp_path / "cache" / fingerprint(RECIPE)
+    weights = folder / "teacher.pt"
+    if damage == "checksum":
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps(meta | {"sha256": "0" * 64}))
+    elif damage == "truncated":
+        blob = weights.read_bytes()
+        weights.write_bytes(blob[: len(blob) // 2])
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))  # the load itself fails
+    else:
+        (folder / "meta.json").unlink()  # a crash between the weights and the meta: not a complete entry
+    with caplog.at_level(logging.WARNING):
+        again = _obtain(tmp_path, train)
+    assert again.source == "trained" and train.calls == 2 and weights.exists() and (folder / "meta.json").exists()
+    aside = [p for p in (tmp_path / "cache").iterdir() if ".damaged-" in p.name]
+    if damage == "no meta":
+        assert aside == [] and "damaged" not in caplog.text  # unfinished, not damaged: trained over
+    else:
+        assert len(aside) == 1 and aside[0].name.startswith(fingerprint(RECIPE)) and str(weights) in caplog.text
+
+
+def test_an_entry_without_a_checksum_from_an_older_kd_is_still_reused(tmp_path):
+    train = _Trainer()
+    _obtain(tmp_path, train)
+    meta_file = tmp_path / "cache" / fingerprint(RECIPE) / "meta.json"
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "sha256"}))
+    assert _obtain(tmp_path, train).source == "cache" and train.calls == 1
+
+
+def test_other_ranks_train_with_rank_zero_but_never_write_the_cache(tmp_path, monkeypatch):
+    from pytorch_lightning.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    train = _Trainer()
+    joined = _obtain(tmp_path, train)
+    assert (joined.source, joined.path, train.calls) == ("trained", None, 1)
+    assert not (tmp_path / "cache").exists()  # no folder, no lock, no weights: rank zero writes
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    _obtain(tmp_path, train)  # rank zero's entry ...
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert _obtain(tmp_path, train).source == "cache"  # ... which the other ranks read
+
+
+def test_seeded_builds_depend_on_the_seed_only():
+    a, b, c = seeded(3, _build)(), seeded(3, _build)(), seeded(4, _build)()
+    torch.manual_seed(99)  # whatever happened to the RNG before
+    d = seeded(3, _build)()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.weight, d.weight) and not torch.equal(a.weight, c.weight)
+
+
+# -- the run's teacher recipe (kd/run/teacher_step.py): what changes the teacher, and what does not
+
+CHANGES = ["teacher.seed=1", "teacher.max_epochs=4", "teacher.optimizer.lr=0.1", "teacher.scheduler.T_max=7",
+           "model@teacher.model=lenet300_100", "data.batch_size=32", "data.split_seed=1", "data.val_fraction=0.2",
+           "trainer.precision=64-true", "+trainer.gradient_clip_val=1.0", "teacher.augment=true", "data=fashion_mnist"]  # fmt: skip
+SAME = ["trainer.enable_progress_bar=true", "trainer.log_every_n_steps=5", "trainer.max_epochs=7", "seed=3",
+        "distill.temperature=2", "student.optimizer.lr=0.2", "trainer.enable_model_summary=true"]  # fmt: skip
+
+
+def _recipe_fingerprint(make_cfg, monkeypatch, *overrides: str) -> str:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from kd.run import teacher_step
+    from kd.tracking.measure import Measurement
+    from kd.train.trainer import Trainers
+
+    seen = {}
+    monkeypatch.setattr(teacher_step, "obtain_teacher", lambda **kw: seen.setdefault("fp", fingerprint(kw["recipe"])))
+    cfg = make_cfg(*overrides)
+    data = instantiate(cfg.data)
+    if "data=fashion_mnist" in overrides:
+        data.setup = lambda stage=None: None  # the recipe reads the source's description, not its files
+    trainers = Trainers(OmegaConf.to_container(cfg.trainer, resolve=True))
+    teacher_step.obtain(cfg, trainers, Measurement(latency=False), data, None, None, {"choices": {}, "tags": {}})
+    return seen["fp"]
+
+
+@pytest.mark.parametrize("override", CHANGES)
+def test_what_changes_the_teacher_changes_its_fingerprint(make_cfg, monkeypatch, override):
+    assert _recipe_fingerprint(make_cfg, monkeypatch, override) != _recipe_fingerprint(make_cfg, monkeypatch)
+
+
+@pytest.mark.parametrize("override", SAME)
+def test_display_switches_and_student_keys_keep_the_fingerprint(make_cfg, monkeypatch, override):
+    assert _recipe_fingerprint(make_cfg, monkeypatch, override) == _recipe_fingerprint(make_cfg, monkeypatch)
