@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -46,8 +48,13 @@ def _build() -> nn.Module:
 RECIPE = {"model": {"hidden": [4]}, "seed": 0, "max_epochs": 3}
 
 
-def _obtain(tmp_path: Path, train: _Trainer, recipe: dict = RECIPE, checkpoint: str | None = None):
-    return obtain_teacher(seeded(0, _build), recipe, _Data(), tmp_path / "cache", checkpoint, False, train, _Module)
+def _obtain(tmp_path: Path, train: _Trainer, recipe: dict = RECIPE, checkpoint: str | None = None, allow_pickle: bool = False,
+            cache: str = "cache"):  # fmt: skip
+    return obtain_teacher(seeded(0, _build), recipe, _Data(), tmp_path / cache, checkpoint, allow_pickle, train, _Module)
+
+
+class _Note:
+    """A picklable object that is not a tensor: a checkpoint holding it needs arbitrary unpickling."""
 
 
 def test_the_fingerprint_is_the_sha256_of_the_versioned_canonical_recipe():
@@ -57,6 +64,7 @@ def test_the_fingerprint_is_the_sha256_of_the_versioned_canonical_recipe():
     for key, value in (("seed", 1), ("max_epochs", 4), ("model", {"hidden": [5]})):
         assert fingerprint(RECIPE | {key: value}) != expected, key
     assert fingerprint(RECIPE | {"extra": None}) != expected
+    assert fingerprint(RECIPE | {"root": Path("/data")}) == fingerprint(RECIPE | {"root": "/data"})  # paths as text
 
 
 def test_a_new_fingerprint_version_retrains_everything(monkeypatch):
@@ -65,19 +73,25 @@ def test_a_new_fingerprint_version_retrains_everything(monkeypatch):
     assert fingerprint(RECIPE) != before
 
 
-def test_a_teacher_is_trained_once_stored_with_its_checksum_then_reused(tmp_path):
+def test_a_teacher_is_trained_once_stored_with_its_checksum_then_reused(tmp_path, caplog):
     train = _Trainer()
-    first = _obtain(tmp_path, train)
+    with caplog.at_level(logging.INFO, logger="kd.train.teacher"):
+        first = _obtain(tmp_path, train)
+    assert f"teacher {fingerprint(RECIPE)} not cached: training it" in caplog.text
     folder = tmp_path / "cache" / fingerprint(RECIPE)
     assert (first.source, first.fingerprint, first.path, first.run_id, train.calls) == ("trained", fingerprint(RECIPE), folder / "teacher.pt", "run1", 1)
     assert first.metrics == {"val/acc": 0.51}
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["sha256"] == hashlib.sha256((folder / "teacher.pt").read_bytes()).hexdigest()
     assert (meta["fingerprint"], meta["recipe"], meta["metrics"], meta["run_id"]) == (fingerprint(RECIPE), RECIPE, {"val/acc": 0.51}, "run1")
-    assert meta["created"] and not (folder / "meta.json.tmp").exists()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", meta["created"]) and not (folder / "meta.json.tmp").exists()
     assert (tmp_path / "cache" / f"{fingerprint(RECIPE)}.lock").exists()  # parallel jobs wait on it
-    again = _obtain(tmp_path, train)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kd.train.teacher"):
+        again = _obtain(tmp_path, train)
     assert (again.source, again.path, again.run_id, again.metrics, train.calls) == ("cache", folder / "teacher.pt", "run1", {"val/acc": 0.51}, 1)
+    assert again.fingerprint == first.fingerprint == fingerprint(RECIPE)
+    assert f"teacher {fingerprint(RECIPE)} reused from {folder} (trained {meta['created']})" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     fresh = seeded(0, _build)()
     assert not torch.equal(again.model.weight, fresh.weight)  # the trained weights, not a fresh build
@@ -91,14 +105,33 @@ def test_another_recipe_trains_another_teacher(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == sorted([fingerprint(RECIPE), fingerprint(RECIPE | {"seed": 1})])
 
 
-def test_a_checkpoint_is_loaded_and_nothing_is_cached(tmp_path):
+def test_a_checkpoint_is_loaded_and_nothing_is_cached(tmp_path, caplog):
     weights = tmp_path / "given.pt"
     given = nn.Linear(3, 2)
     torch.save(given.state_dict(), weights)
     train = _Trainer()
-    loaded = _obtain(tmp_path, train, checkpoint=str(weights))
+    with caplog.at_level(logging.INFO, logger="kd.train.teacher"):
+        loaded = _obtain(tmp_path, train, checkpoint=str(weights))
     assert (loaded.source, loaded.path, loaded.metrics, loaded.run_id, train.calls) == ("checkpoint", weights, {}, None, 0)
     assert torch.equal(loaded.model.weight, given.weight) and not (tmp_path / "cache").exists()
+    assert loaded.fingerprint == fingerprint(RECIPE) and f"teacher loaded from {weights}" in caplog.text
+
+
+def test_a_checkpoint_that_needs_unpickling_loads_only_when_allowed(tmp_path):
+    weights = tmp_path / "lightning.ckpt"
+    given = nn.Linear(3, 2)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in given.state_dict().items()}, "note": _Note()}, weights)
+    with pytest.raises(ValueError, match="arbitrary unpickling"):
+        _obtain(tmp_path, _Trainer(), checkpoint=str(weights))
+    loaded = _obtain(tmp_path, _Trainer(), checkpoint=str(weights), allow_pickle=True)
+    assert torch.equal(loaded.model.weight, given.weight)
+
+
+def test_the_cache_folder_is_made_with_its_parents_and_paths_in_a_recipe_are_stored_as_text(tmp_path):
+    recipe = RECIPE | {"root": Path("/data/fashion")}
+    made = _obtain(tmp_path, _Trainer(), recipe, cache="deep/er/cache")
+    meta = json.loads((tmp_path / "deep/er/cache" / made.fingerprint / "meta.json").read_text())
+    assert meta["recipe"]["root"] == "/data/fashion" and made.fingerprint == fingerprint(recipe)
 
 
 @pytest.mark.parametrize("damage", ["checksum", "truncated", "no meta"])
@@ -124,15 +157,18 @@ def test_a_damaged_or_unfinished_entry_is_trained_again(tmp_path, damage, caplog
     if damage == "no meta":
         assert aside == [] and "damaged" not in caplog.text  # unfinished, not damaged: trained over
     else:
-        assert len(aside) == 1 and aside[0].name.startswith(fingerprint(RECIPE)) and str(weights) in caplog.text
+        assert len(aside) == 1 and re.fullmatch(rf"{fingerprint(RECIPE)}\.damaged-\d{{8}}-\d{{6}}", aside[0].name), aside
+        reason = "ValueError: its checksum does not match meta.json" if damage == "checksum" else "RuntimeError"  # torch's zip error
+        assert f"cached teacher {weights} is damaged ({reason}" in caplog.text and f"moved aside to {aside[0]}, training it again" in caplog.text
 
 
-def test_an_entry_without_a_checksum_from_an_older_kd_is_still_reused(tmp_path):
+def test_an_entry_without_a_checksum_or_metrics_from_an_older_kd_is_still_reused(tmp_path):
     train = _Trainer()
     _obtain(tmp_path, train)
     meta_file = tmp_path / "cache" / fingerprint(RECIPE) / "meta.json"
-    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "sha256"}))
-    assert _obtain(tmp_path, train).source == "cache" and train.calls == 1
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k not in ("sha256", "metrics")}))
+    reused = _obtain(tmp_path, train)
+    assert reused.source == "cache" and train.calls == 1 and reused.metrics == {}
 
 
 def test_other_ranks_train_with_rank_zero_but_never_write_the_cache(tmp_path, monkeypatch):
@@ -141,7 +177,7 @@ def test_other_ranks_train_with_rank_zero_but_never_write_the_cache(tmp_path, mo
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     train = _Trainer()
     joined = _obtain(tmp_path, train)
-    assert (joined.source, joined.path, train.calls) == ("trained", None, 1)
+    assert (joined.source, joined.path, joined.fingerprint, train.calls) == ("trained", None, fingerprint(RECIPE), 1)
     assert not (tmp_path / "cache").exists()  # no folder, no lock, no weights: rank zero writes
     monkeypatch.setattr(rank_zero_only, "rank", 0)
     _obtain(tmp_path, train)  # rank zero's entry ...
@@ -154,6 +190,7 @@ def test_seeded_builds_depend_on_the_seed_only():
     torch.manual_seed(99)  # whatever happened to the RNG before
     d = seeded(3, _build)()
     assert torch.equal(a.weight, b.weight) and torch.equal(a.weight, d.weight) and not torch.equal(a.weight, c.weight)
+    assert os.environ["PL_SEED_WORKERS"] == "1"  # data-loader workers seeded too (seed_everything(workers=True))
 
 
 # -- the run's teacher recipe (kd/run/teacher_step.py): what changes the teacher, and what does not
