@@ -60,6 +60,9 @@ def check_switches(cfg: DictConfig) -> None:
         if not isinstance(value, bool) and not (value is None and key == "teacher.augment"):
             allowed = "true, false or null" if key == "teacher.augment" else "true or false"
             raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    every = OmegaConf.select(cfg, "trainer.log_every_n_steps", default=50)
+    if cfg.get("log_steps") and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"log_steps=true logs every trainer.log_every_n_steps steps, which must be an integer >= 1, got {every!r}")
 
 
 def check_optimizers(cfg: DictConfig, roles: tuple[str, ...]) -> None:

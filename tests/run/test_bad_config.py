@@ -23,6 +23,7 @@ BAD = [
     (["distill_cache=maybe"], "distill_cache must be true or false, got 'maybe'"),
     (["resume=maybe"], "resume must be true or false, got 'maybe'"),
     (["log_steps=3"], "log_steps must be true or false, got 3"),
+    (["log_steps=true", "trainer.log_every_n_steps=0"], "trainer.log_every_n_steps steps, which must be an integer >= 1, got 0"),
     (["measure.latency=yes"], "measure.latency must be one of true, false, quick, full, got 'yes'"),
     (["measure.threads=0"], "measure.threads must be an integer >= 1, got 0"),
     (["data.augment=1"], "data.augment must be true or false, got 1"),
