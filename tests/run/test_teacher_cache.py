@@ -229,3 +229,74 @@ def test_what_changes_the_teacher_changes_its_fingerprint(make_cfg, monkeypatch,
 @pytest.mark.parametrize("override", SAME)
 def test_display_switches_and_student_keys_keep_the_fingerprint(make_cfg, monkeypatch, override):
     assert _recipe_fingerprint(make_cfg, monkeypatch, override) == _recipe_fingerprint(make_cfg, monkeypatch)
+
+
+def test_the_recipe_holds_what_trains_the_teacher_read_from_the_config(make_cfg, monkeypatch):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from kd.run import teacher_step
+    from kd.tracking.measure import Measurement
+    from kd.train.trainer import Trainers
+
+    seen = {}
+    monkeypatch.setattr(teacher_step, "obtain_teacher", lambda **kw: seen.update(kw) or "teacher")
+    cfg = make_cfg("teacher.seed=5", "teacher.max_epochs=7", "data.batch_size=32", "teacher.augment=true")
+    data = instantiate(cfg.data)
+    trainers = Trainers(OmegaConf.to_container(cfg.trainer, resolve=True))
+    assert teacher_step.obtain(cfg, trainers, Measurement(latency=False), data, _build, None, {"choices": {}, "tags": {}}) == "teacher"
+    recipe = seen["recipe"]
+    assert set(recipe) == {"model", "data", "seed", "max_epochs", "optimizer", "scheduler", "trainer"}
+    assert recipe["model"] == {"_target_": "kd.models.MLP", "_partial_": True, "hidden": [256, 256], "dropout": 0.2}
+    assert (recipe["seed"], recipe["max_epochs"], recipe["data"]["batch_size"], recipe["data"]["augment"]) == (5, 7, 32, True)
+    assert recipe["optimizer"]["lr"] == 0.05 and recipe["scheduler"]["T_max"] == 7  # resolved: ${teacher.max_epochs}
+    assert recipe["trainer"]["precision"] == "32-true" and not {"max_epochs", "enable_progress_bar", "log_every_n_steps"} & set(recipe["trainer"])
+    assert data.augment is False  # the teacher's augmentation is switched on only while it trains
+    assert (seen["checkpoint"], seen["allow_pickle"], seen["cache_dir"], seen["data"]) == (None, False, Path(cfg.paths.teacher_cache), data)
+    assert seen["build"]().weight.shape == (2, 3) and torch.equal(seen["build"]().weight, seeded(5, _build)().weight)  # seeded by teacher.seed
+    no_schedule = make_cfg("teacher.scheduler=null")
+    teacher_step.obtain(no_schedule, trainers, Measurement(latency=False), instantiate(no_schedule.data), _build, None, {"choices": {}, "tags": {}})
+    assert seen["recipe"]["scheduler"] is None
+
+
+def test_a_teacher_trained_here_has_its_own_run_with_its_recipe_epochs_and_measurement(make_cfg):
+    from hydra.utils import instantiate
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from kd.models import MLP
+    from kd.run import teacher_step
+    from kd.tracking.measure import Measurement
+    from kd.tracking.tracker import Tracker
+    from kd.train.trainer import Trainers
+
+    cfg = make_cfg("teacher.max_epochs=2", "teacher.augment=true", "data.limit_train=200", "teacher.optimizer.lr=0.0",
+                   "teacher.optimizer.weight_decay=0.0", "teacher.scheduler=null")  # fmt: skip
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    seen_augment = []
+
+    class Watch(MLP):
+        def forward(self, x):
+            if self.training:
+                seen_augment.append(data.augment)
+            return super().forward(x)
+
+    build = lambda: Watch(10, (1, 8, 8), hidden=[16])  # noqa: E731
+    root = Path(cfg.paths.output_root)
+    tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}", "kd", root / "mlartifacts")
+    trainers = Trainers(OmegaConf.to_container(cfg.trainer, resolve=True), {"checkpoint": instantiate(cfg.callbacks.checkpoint)})
+    context = {"choices": {"model@teacher.model": "tiny"}, "tags": {"kd.sweep": "s"}}
+    teacher = teacher_step.obtain(cfg, trainers, Measurement(latency=False), data, build, tracker, context)
+    assert teacher.source == "trained" and set(seen_augment) == {True} and data.augment is False
+    assert torch.equal(teacher.model.head.weight, seeded(0, build)().head.weight)  # lr 0: the weights it started from
+    assert set(teacher.metrics) == {"val/acc", "test/acc"} and 0 <= teacher.metrics["test/acc"] <= 1
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(teacher.run_id)
+    assert run.info.run_name == "teacher tiny" and run.info.status == "FINISHED"
+    assert (run.data.tags["kd.role"], run.data.tags["kd.fingerprint"], run.data.tags["kd.sweep"]) == ("teacher", teacher.fingerprint, "s")
+    assert run.data.params["teacher.fingerprint"] == teacher.fingerprint and run.data.params["teacher.max_epochs"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2  # teacher.max_epochs, not trainer.max_epochs
+    assert run.data.metrics["model/params"] == sum(p.numel() for p in build().parameters())
+    assert run.data.metrics["test/acc"] == pytest.approx(teacher.metrics["test/acc"])
+    assert not (Path(cfg.paths.run_dir) / "checkpoints").exists()  # the teacher keeps its last weights: no checkpoint callback
