@@ -30,6 +30,7 @@ from kd.run.config import check_counts, check_keys, check_optimizers, check_swit
 from kd.run.identity import run_identity
 from kd.run.known_warnings import ignore_known_warnings
 from kd.run.progress import phase
+from kd.run.signals import sigterm_ends_the_run
 from kd.run.teacher_step import obtain as obtain_teacher
 from kd.run.summary import summary_metrics
 from kd.tracking import keys
@@ -102,7 +103,13 @@ def alone_reason(cfg: DictConfig) -> str | None:
 
 
 def run_pack(jobs: Sequence[Job]) -> list[dict[str, float] | BaseException]:
-    """Train ``jobs`` (one ``pack_key``) as one pack; per job its metrics or what failed it."""
+    """Train ``jobs`` (one ``pack_key``) as one pack; per job its metrics or what failed it.
+    SIGTERM ends it as it ends a lone run: every open run FAILED, exit status 143."""
+    with sigterm_ends_the_run():
+        return _run_pack(jobs)
+
+
+def _run_pack(jobs: Sequence[Job]) -> list[dict[str, float] | BaseException]:
     ignore_known_warnings()  # in the launching process, where no lone run has applied them
     cfgs = [job.cfg for job in jobs]
     first = cfgs[0]

@@ -152,3 +152,26 @@ def test_the_packed_launcher_option_composes_and_refuses_a_bad_pack_size():
     assert cfg.hydra.launcher._target_.endswith("PackedLauncher") and cfg.hydra.launcher.max_pack == 4
     with pytest.raises(ValueError, match=r"hydra\.launcher\.max_pack must be an integer >= 1, got 0"):
         PackedLauncher(max_pack=0)
+
+
+def test_sigterm_during_a_pack_exits_143_and_closes_every_run_failed(run_py, tmp_path):
+    import signal
+    import time
+
+    argv = run_py("hydra/launcher=packed", "seed=0,1", "trainer.max_epochs=300", multirun=True)
+    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    for line in process.stdout:  # the pack's fit has started (Hydra's log lines)
+        assert time.monotonic() < deadline
+        if "students trained together (" in line:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    process.stdout.read()
+    assert process.wait(timeout=120) == 143
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
+    by_role = {role: [r for r in runs if r.data.tags.get("kd.role") == role] for role in ("student", "sweep")}
+    assert len(by_role["student"]) == 2 and all(r.info.status == "FAILED" for r in by_role["student"])
+    assert all(r.data.tags["kd.failure"] == "interrupted (Terminated: SIGTERM)" for r in by_role["student"])
+    assert [r.info.status for r in by_role["sweep"]] == ["FAILED"]
