@@ -254,12 +254,27 @@ def test_the_recipe_holds_what_trains_the_teacher_read_from_the_config(make_cfg,
     assert data.augment is False  # the teacher's augmentation is switched on only while it trains
     assert (seen["checkpoint"], seen["allow_pickle"], seen["cache_dir"], seen["data"]) == (None, False, Path(cfg.paths.teacher_cache), data)
     assert seen["build"]().weight.shape == (2, 3) and torch.equal(seen["build"]().weight, seeded(5, _build)().weight)  # seeded by teacher.seed
-    no_schedule = make_cfg("teacher.scheduler=null")
-    teacher_step.obtain(no_schedule, trainers, Measurement(latency=False), instantiate(no_schedule.data), _build, None, {"choices": {}, "tags": {}})
-    assert seen["recipe"]["scheduler"] is None
+    module = seen["make_module"](nn.Linear(3, 10))
+    assert module.val_metrics["acc"].num_classes == 10 and module._make_scheduler is not None and module.compile_model is False
+    assert module._make_optimizer([nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 0.05  # the teacher's optimiser
+
+    def recipe(*overrides: str) -> dict:
+        again = make_cfg(*overrides)
+        teacher_step.obtain(again, trainers, Measurement(latency=False), instantiate(again.data), _build, None, {"choices": {}, "tags": {}})
+        return seen["recipe"]
+
+    assert recipe("teacher.scheduler=null")["scheduler"] is None and seen["make_module"](nn.Linear(3, 10))._make_scheduler is None
+    assert seen["make_module"](nn.Linear(3, 10)).compile_model is False
+    recipe("compile=true")
+    assert seen["make_module"](nn.Linear(3, 10)).compile_model is True
+    assert recipe("data.augment=true")["data"]["augment"] is True  # teacher.augment null: as the data
+    interpolated = recipe("teacher.optimizer.lr=${student.optimizer.momentum}", "teacher.model.dropout=${distill.alpha}")
+    assert interpolated["optimizer"]["lr"] == 0.9 and interpolated["model"]["dropout"] == 0.9  # resolved values, not "${...}"
+    recipe("teacher=checkpoint", "teacher.checkpoint=/some/teacher.pt", "teacher.allow_pickle=true")
+    assert (seen["checkpoint"], seen["allow_pickle"]) == ("/some/teacher.pt", True)
 
 
-def test_a_teacher_trained_here_has_its_own_run_with_its_recipe_epochs_and_measurement(make_cfg):
+def test_a_teacher_trained_here_has_its_own_run_with_its_recipe_epochs_and_measurement(make_cfg, monkeypatch):
     from hydra.utils import instantiate
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
@@ -287,7 +302,11 @@ def test_a_teacher_trained_here_has_its_own_run_with_its_recipe_epochs_and_measu
     tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}", "kd", root / "mlartifacts")
     trainers = Trainers(OmegaConf.to_container(cfg.trainer, resolve=True), {"checkpoint": instantiate(cfg.callbacks.checkpoint)})
     context = {"choices": {"model@teacher.model": "tiny"}, "tags": {"kd.sweep": "s"}}
+    built: list[dict] = []
+    original = Trainers.build
+    monkeypatch.setattr(Trainers, "build", lambda self, *a, **kw: built.append(kw) or original(self, *a, **kw))
     teacher = teacher_step.obtain(cfg, trainers, Measurement(latency=False), data, build, tracker, context)
+    assert built[0]["enable_checkpointing"] is False  # its last weights, no checkpoint of its own
     assert teacher.source == "trained" and set(seen_augment) == {True} and data.augment is False
     assert torch.equal(teacher.model.head.weight, seeded(0, build)().head.weight)  # lr 0: the weights it started from
     assert set(teacher.metrics) == {"val/acc", "test/acc"} and 0 <= teacher.metrics["test/acc"] <= 1
@@ -300,3 +319,25 @@ def test_a_teacher_trained_here_has_its_own_run_with_its_recipe_epochs_and_measu
     assert run.data.metrics["model/params"] == sum(p.numel() for p in build().parameters())
     assert run.data.metrics["test/acc"] == pytest.approx(teacher.metrics["test/acc"])
     assert not (Path(cfg.paths.run_dir) / "checkpoints").exists()  # the teacher keeps its last weights: no checkpoint callback
+
+
+def test_a_teacher_run_without_a_model_choice_is_named_after_its_class(make_cfg):
+    from hydra.utils import instantiate
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from kd.models import MLP
+    from kd.run import teacher_step
+    from kd.tracking.measure import Measurement
+    from kd.tracking.tracker import Tracker
+    from kd.train.trainer import Trainers
+
+    cfg = make_cfg("teacher.max_epochs=1", "data.limit_train=64")
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    root = Path(cfg.paths.output_root)
+    tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}", "kd", root / "mlartifacts")
+    trainers = Trainers(OmegaConf.to_container(cfg.trainer, resolve=True))
+    teacher = teacher_step.obtain(cfg, trainers, Measurement(latency=False), data, lambda: MLP(10, (1, 8, 8), hidden=[8]), tracker,
+                                  {"choices": {}, "tags": {}})  # fmt: skip
+    assert MlflowClient(tracker.uri).get_run(teacher.run_id).info.run_name == "teacher MLP"
