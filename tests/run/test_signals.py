@@ -100,7 +100,8 @@ def test_twenty_signals_at_random_moments_never_leave_a_run_running(run_py, tmp_
     for i in range(20):
         # a fresh teacher every fourth run, so signals also land in teacher fits and cache writes
         teacher = [f"teacher.seed={i // 4}", "teacher.max_epochs=2"]
-        process = subprocess.Popen(run_py(*teacher, "trainer.max_epochs=3", "measure.latency=true", "measure.large_batch=2048"),
+        # the full latency benchmark: a measuring phase of a few seconds, so signals land there too
+        process = subprocess.Popen(run_py(*teacher, "trainer.max_epochs=3", "measure.latency=full", "measure.large_batch=2048"),
                                    cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(rng.uniform(2.0, 14.0))  # across start-up, teacher fit, student fit, test, measurement, logging
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
