@@ -22,33 +22,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from processes import ROOT, timed  # benchmarks/processes.py (the script's folder is on sys.path)
+
 sys.path.insert(0, str(ROOT))
 GRID = ("distill.temperature=1,4,8", "distill.alpha=0.1,0.5,0.9")
 SWEEP_TARGET, STEP_TARGET = 3.0, 1.2
-
-
-def timed(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one process."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env=os.environ | {"MLFLOW_TRACKING_URI": ""})  # fmt: skip
-    stderr = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        sys.exit(f"failed: {' '.join(argv)}\n{stderr[-3000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def sweeps(repeats: int, quick: bool, basic: bool) -> None:

@@ -135,8 +135,8 @@ def _run_pack(jobs: Sequence[Job]) -> list[dict[str, float] | BaseException]:
             raise ValueError("a pack's students all distil from the teacher or none does")
         if build_teacher is not None:
             objective.prepare(student, build_teacher(), data.input_shape, data.num_classes, len(data.train.y))
-    trainers = Trainers(OmegaConf.to_container(first.trainer, resolve=True),
-                        {n: instantiate(c) for n, c in first.callbacks.items() if c is not None and n != "checkpoint"})  # fmt: skip
+    # the callbacks without their checkpoint (trainers.callbacks(checkpoints=False)): each student keeps its best weights itself
+    trainers = Trainers(OmegaConf.to_container(first.trainer, resolve=True), {n: instantiate(c) for n, c in first.callbacks.items() if c is not None})
     trainers.check()
     measurement = Measurement(first.measure.large_batch, first.measure.latency, first.measure.get("threads", 1))
     output_root = Path(first.paths.output_root)
