@@ -51,7 +51,7 @@ class PackedLauncher(Launcher):
         return ret
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from kd.run.pack import Job, alone_reason, pack_key, run_pack  # torch and Lightning only when a sweep runs
+        from kd.run.pack import Job, NotPackable, alone_reason, pack_key, run_pack  # torch and Lightning only when a sweep runs
         from kd.tracking.tracker import hydra_context
 
         setup_globals()
@@ -94,6 +94,10 @@ class PackedLauncher(Launcher):
                 continue
             try:
                 results = run_pack(jobs)
+            except NotPackable as err:  # seen only once the students were built (dropout, feature hooks): each alone
+                log.info("jobs %s run alone: %s", ", ".join(f"#{initial_job_idx + i}" for i in members), err)
+                alone += members
+                continue
             except Exception as err:  # noqa: BLE001  (the whole pack failed before its students could)
                 results = [err] * len(jobs)
             for i, ret, job, result in zip(members, rets, jobs, results):

@@ -52,6 +52,11 @@ SHARED_INSIDE = ("student.optimizer._target_", "student.optimizer._partial_")
 ALONE_GROUPS = ("prune", "quantize", "factorize")
 
 
+class NotPackable(ValueError):
+    """The jobs' students cannot train together (found once they are built, before anything
+    opens or trains): the launcher runs each alone."""
+
+
 @dataclass
 class Job:
     """One job of a pack: its task config (``paths.run_dir`` its own folder) and what Hydra knows
@@ -130,9 +135,9 @@ def _run_pack(jobs: Sequence[Job]) -> list[dict[str, float] | BaseException]:
     students = [seeded(cfg.seed, build_student)() for cfg in cfgs]  # each its own seed's initial weights
     for student, objective in zip(students, objectives):
         if (reason := unpackable_reason(student, objective)) is not None:
-            raise ValueError(f"these jobs cannot train as a pack: {reason}")
+            raise NotPackable(f"these jobs cannot train as a pack: {reason}")
         if objective.needs_teacher != needs_teacher:
-            raise ValueError("a pack's students all distil from the teacher or none does")
+            raise NotPackable("a pack's students all distil from the teacher or none does")
         if build_teacher is not None:
             objective.prepare(student, build_teacher(), data.input_shape, data.num_classes, len(data.train.y))
     # the callbacks without their checkpoint (trainers.callbacks(checkpoints=False)): each student keeps its best weights itself

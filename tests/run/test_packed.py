@@ -175,3 +175,13 @@ def test_sigterm_during_a_pack_exits_143_and_closes_every_run_failed(run_py, tmp
     assert len(by_role["student"]) == 2 and all(r.info.status == "FAILED" for r in by_role["student"])
     assert all(r.data.tags["kd.failure"] == "interrupted (Terminated: SIGTERM)" for r in by_role["student"])
     assert [r.info.status for r in by_role["sweep"]] == ["FAILED"]
+
+
+def test_jobs_whose_students_turn_out_unpackable_run_alone_and_finish(run_py, tmp_path):
+    # mlp has dropout: only the built student says so; the launcher then runs each job alone
+    argv = run_py("hydra/launcher=packed", "model@student.model=mlp", "seed=0,1", multirun=True)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run alone: these jobs cannot train as a pack: the student has dropout (layers.2)" in done.stdout + done.stderr
+    client, runs = _student_runs(tmp_path / "outputs")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" and "kd.packed" not in r.data.tags for r in runs)
