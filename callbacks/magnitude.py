@@ -217,10 +217,12 @@ class MagnitudePruning(PruningCallback):
         return [f for f in self._files if f.exists()]
 
     def fold(self, model: nn.Module) -> nn.Module:
-        """Drop the mask buffers: a plain model whose pruned weights are zeros."""
+        """Drop the mask buffers: a plain model whose pruned weights are zeros (once; a second
+        call finds nothing left to fold)."""
         self._apply_masks()
         for module, tensor in self._targets.values():
             module._buffers.pop(f"{tensor}_mask", None)
+        self._targets = {}
         return model
 
     # ---- checkpoint state (masks are in the model's state dict) --------------------------
