@@ -36,6 +36,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.preact = nn.Identity()  # names the pre-activation sum for feature hooks (OFD, AB)
+        # a ReLU module of its own for the output: one module called twice is one partition with two
+        # outputs to torch.export-based quantizers (torchao's x86 quantizer refuses the block)
+        self.relu2 = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -48,7 +51,7 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(self.preact(out + identity))
+        return self.relu2(self.preact(out + identity))
 
 
 class CIFARResNet(nn.Module):
