@@ -1,6 +1,7 @@
-"""The FX graph-mode flow behind the quantization callbacks, in one place so it can move to
-torchao's PT2E export path: QConfigs, prepare / calibrate / convert, QAT preparation, reloading a
-saved int8 model, and the helpers that run int8 kernels."""
+"""The FX graph-mode flow behind the quantization callbacks (torch's deprecated path, kept for what
+PT2E cannot do yet: ``callbacks/quant_engine.py``): QConfigs, prepare / calibrate / convert, QAT
+preparation, observer switches and BatchNorm freezing, reloading a saved int8 model. The PT2E
+flow, ``callbacks/pt2e_quant.py``, has the same functions."""
 
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ from torch.ao.quantization import observer as obs
 
 from callbacks.observers import EntropyObserver, PercentileObserver
 from kd.tracking.measure import int8_ops
-from kd.train.checkpoint import rebuild_architecture
 
-BACKENDS = ("auto", "x86", "fbgemm", "qnnpack")
 OBSERVERS = {
     "minmax": obs.MinMaxObserver,
     "moving_average": obs.MovingAverageMinMaxObserver,
@@ -27,7 +26,8 @@ OBSERVERS = {
     "percentile": PercentileObserver,
     "entropy": EntropyObserver,  # KL divergence, TensorRT's calibrator
 }
-RECIPE_KEY = "kd.quantization"
+enable_observer = torch.ao.quantization.enable_observer  # model.apply(...) switches
+disable_observer = torch.ao.quantization.disable_observer
 
 
 @functools.cache
@@ -42,11 +42,6 @@ def has_vnni() -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def resolve_backend(backend: str) -> str:
-    """``auto``: x86 (fbgemm/oneDNN) on a CPU with VNNI, else qnnpack, whose kernels do not saturate."""
-    return ("x86" if has_vnni() else "qnnpack") if backend == "auto" else backend
 
 
 def _fx():  # imported lazily: the module emits deprecation warnings at import
@@ -102,13 +97,14 @@ def prepare_for_qat(model: nn.Module, recipe: dict[str, Any], example: torch.Ten
     return _fx().prepare_qat_fx(model.train(), mapping, example_inputs=(example,))
 
 
-def load_quantized(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> nn.Module:
-    """Rebuild a saved int8 model: ``model`` is the float architecture of its config; the file
-    holds the int8 state dict, the recipe and what reshaped the float model before it was
-    quantized (removed channels, low-rank factors), loaded with ``weights_only=True``."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    recipe = saved[RECIPE_KEY]
-    model = rebuild_architecture(model, saved, input_shape, path)
+def freeze_bn(model: nn.Module) -> None:
+    """BatchNorm of the fused QAT modules uses its running statistics from now on."""
+    model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+
+
+def load_quantized(model: nn.Module, saved: dict[str, Any], recipe: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
+    """Rebuild a saved int8 model: ``model`` is the float architecture, already reshaped as the
+    saved one was (``quant_engine.load_quantized`` reads the file)."""
     example = torch.zeros(2, *input_shape)
     if recipe["mode"] == "qat":
         model = prepare_for_qat(model, recipe, example[:1])

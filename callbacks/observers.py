@@ -1,9 +1,12 @@
 """Range estimators beyond torch's own, for post-training calibration: the percentile of the
 observed distribution, and the KL-divergence (entropy) threshold of TensorRT's calibrator.
 
-Both keep torch's ``HistogramObserver`` (a 2048-bin histogram of everything observed, widened as
+Both keep the ``HistogramObserver`` (a 2048-bin histogram of everything observed, widened as
 the range grows) and replace only the choice of the clipping range from it, which is what the
-seeds' "calibration by MinMax / MSE / KL divergence" differ in.
+seeds' "calibration by MinMax / MSE / KL divergence" differ in. Each search is written once and
+made into an observer of both flows: torch's (``torch.ao``, the FX path, here) and torchao's
+(PT2E, ``callbacks/pt2e_quant.py``), whose histogram observers share their internals and must not
+be mixed in one model.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ import torch
 from torch.ao.quantization.observer import HistogramObserver
 
 
-class PercentileObserver(HistogramObserver):
+class _Percentile:
     """Clip both tails at ``percentile`` (e.g. 99.99: the top and bottom 0.01% are saturated)."""
 
     def __init__(self, percentile: float = 99.99, bins: int = 2048, dtype: torch.dtype = torch.quint8,
                  qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int | None = None,
-                 quant_max: int | None = None) -> None:  # fmt: skip
-        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max)
+                 quant_max: int | None = None, **kwargs) -> None:  # fmt: skip
+        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must lie in (50, 100], got {percentile}")
         self.percentile = percentile
@@ -32,7 +35,7 @@ class PercentileObserver(HistogramObserver):
         return self.min_val + low * width, self.min_val + (high + 1) * width
 
 
-class EntropyObserver(HistogramObserver):
+class _Entropy:
     """The upper clipping threshold minimising ``KL(P || Q)``, where ``P`` is the histogram up to
     the threshold with everything above folded into its last bin, and ``Q`` that histogram
     quantized to the integer levels (each level spreads its mass evenly over its non-empty bins),
@@ -41,8 +44,8 @@ class EntropyObserver(HistogramObserver):
 
     def __init__(self, stride: int = 16, bins: int = 2048, dtype: torch.dtype = torch.quint8,
                  qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int | None = None,
-                 quant_max: int | None = None) -> None:  # fmt: skip
-        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max)
+                 quant_max: int | None = None, **kwargs) -> None:  # fmt: skip
+        super().__init__(bins=bins, dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
         self.stride = stride
 
     def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,3 +69,11 @@ class EntropyObserver(HistogramObserver):
             if kl < best_kl:
                 best_kl, best_i = kl, i
         return self.min_val, self.min_val + best_i * width
+
+
+class PercentileObserver(_Percentile, HistogramObserver):
+    """The percentile clipping range, for torch's FX flow."""
+
+
+class EntropyObserver(_Entropy, HistogramObserver):
+    """The KL-divergence (TensorRT) clipping range, for torch's FX flow."""

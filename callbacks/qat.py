@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from callbacks.fx_quant import calibration_batches, prepare_for_qat, quantize_model
+from callbacks.fx_quant import calibration_batches
 from callbacks.qat_features import qat_feature_aliases
 from callbacks.quantization import QuantizationCallback
 from callbacks.stage import THINNING, StageContext, StageResult
@@ -36,6 +36,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         activation_bits: width of the activations, 2..8 (None: as ``bits``). ``bits=4,
             activation_bits=8`` is the whitepaper's 4-bit-weights setting (Krishnamoorthi 2018).
         finetune_epochs, lr_scale: the fine-tuning phase after structured pruning (unused otherwise).
+        engine: ``auto`` (PT2E, or FX for distillation-aware QAT and QAT with unstructured
+            pruning: ``callbacks/quant_engine.py``), ``pt2e`` or ``fx``.
     """
 
     mode = "qat"
@@ -45,8 +47,8 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def __init__(self, per_channel: bool = True, backend: str = "auto", freeze_observers_epoch: int | None = None,
                  freeze_bn_epoch: int | None = None, bits: int = 8, activation_bits: int | None = None,
-                 finetune_epochs: int = 2, lr_scale: float = 0.1) -> None:  # fmt: skip
-        super().__init__(backend, per_channel)
+                 finetune_epochs: int = 2, lr_scale: float = 0.1, engine: str = "auto") -> None:  # fmt: skip
+        super().__init__(backend, per_channel, engine)
         if finetune_epochs < 1 or lr_scale <= 0:
             raise ValueError(f"quantize.finetune_epochs must be >= 1 and quantize.lr_scale > 0, got {finetune_epochs}, {lr_scale}")
         self.finetune_epochs, self.lr_scale = finetune_epochs, lr_scale
@@ -82,13 +84,16 @@ class QuantizationAwareTraining(QuantizationCallback):
         self.after_thinning = pruner is not None and pruner.kind in THINNING
         if input_shape is not None and objective is not None and objective.needs_features:  # distillation-aware QAT
             example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
-            qat_feature_aliases(model, prepare_for_qat(copy.deepcopy(model), self.recipe(), example), objective)
+            qat_feature_aliases(model, self.flow().prepare_for_qat(copy.deepcopy(model), self.recipe(), example), objective)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.engine_setting == "auto":  # a run decided in check(); callbacks used alone decide here
+            pruner = next((c for c in trainer.callbacks if getattr(c, "group", None) == "prune"), None)
+            self.use_engine(getattr(pl_module, "objective", None), pruner)
         if stage == "fit" and not isinstance(pl_module.model, torch.fx.GraphModule):
             device = next(pl_module.model.parameters()).device
             example = torch.zeros(1, *trainer.datamodule.input_shape, device=device)
-            prepared = prepare_for_qat(pl_module.model, self.recipe(), example)
+            prepared = self.flow().prepare_for_qat(pl_module.model, self.recipe(), example)
             objective = getattr(pl_module, "objective", None)
             aliases = qat_feature_aliases(pl_module.model, prepared, objective) if objective is not None else {}
             pl_module.replace_model(prepared, aliases)
@@ -100,25 +105,26 @@ class QuantizationAwareTraining(QuantizationCallback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         self._observing = self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch
-        pl_module.model.apply(torch.ao.quantization.enable_observer if self._observing else torch.ao.quantization.disable_observer)
+        flow = self.flow()
+        pl_module.model.apply(flow.enable_observer if self._observing else flow.disable_observer)
         if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
-            pl_module.model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+            flow.freeze_bn(pl_module.model)
         pl_module.log("quant/observing", float(self._observing), on_step=False, on_epoch=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.model.apply(torch.ao.quantization.disable_observer)  # eval data must not move the ranges
+        pl_module.model.apply(self.flow().disable_observer)  # eval data must not move the ranges
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if self._observing:
-            pl_module.model.apply(torch.ao.quantization.enable_observer)
+            pl_module.model.apply(self.flow().enable_observer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.model.apply(torch.ao.quantization.disable_observer)
+        pl_module.model.apply(self.flow().disable_observer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # training is over: the ranges are final, and no later forward pass may move them
-        pl_module.model.apply(torch.ao.quantization.disable_observer)
+        pl_module.model.apply(self.flow().disable_observer)
 
     def callbacks(self) -> list[Callback]:
         return [] if self.after_thinning else [self]  # after thinning: in finalize's fine-tuning phase
@@ -137,4 +143,4 @@ class QuantizationAwareTraining(QuantizationCallback):
         return result
 
     def convert(self, model: nn.Module, data: Any) -> nn.Module:
-        return quantize_model(model, self.recipe(), []) if self.converts else model
+        return self.flow().quantize_model(model, self.recipe(), []) if self.converts else model

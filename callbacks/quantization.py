@@ -1,5 +1,7 @@
-"""Quantization to real int8 models (``quantize=ptq|dynamic|qat``), with PyTorch's FX graph mode
-(``torch.ao.quantization.quantize_fx``), the path that gives int8 CPU kernels today.
+"""Quantization to real int8 models (``quantize=ptq|dynamic|qat``), with torchao's PT2E flow
+(``callbacks/pt2e_quant.py``: ``torch.export``, ``prepare_pt2e``/``convert_pt2e``, int8 kernels through
+Inductor) or, where PT2E cannot do it yet, torch's FX graph mode (``callbacks/fx_quant.py``); which
+one, and why, is ``callbacks/quant_engine.py``'s business (``quantize.engine``).
 
 - ``PostTrainingQuantization`` (``ptq``, ``dynamic``): after training, the validation-selected
   model is traced, observed on ``calibration_batches`` training batches with the chosen range
@@ -18,16 +20,15 @@
 Two traps handled here. Observers are switched off for validation and test, and for good
 when fitting ends (a moving-average observer updates in eval mode too, so evaluation data would
 move the ranges). And activations use the full 8-bit range, not torch's x86/fbgemm default
-``reduce_range`` (7 bits), which made the int8 model's logits differ visibly from the fake-quant
+``reduce_range`` (7 bits), which made the FX int8 model's logits differ visibly from the fake-quant
 model's on a VNNI CPU (``tests/compression/test_quantization.py`` checks the agreement). ``reduce_range``
 exists for CPUs without VNNI, whose x86/fbgemm int8 kernels saturate at 8 bits; qnnpack does not.
-So ``backend=auto`` (the default) picks x86 where ``fx_quant.has_vnni()`` and qnnpack elsewhere;
-the recipe saved beside the weights records the one used. The measurements behind this, with the
-machines named: docs/quantization.md.
+So on the FX flow ``backend=auto`` (the default) picks x86 where ``fx_quant.has_vnni()`` and qnnpack
+elsewhere; on PT2E it picks the quantizer of the machine's architecture. The recipe saved beside
+the weights records the flow and backend used. The measurements behind this: docs/quantization.md.
 
-All of it sits behind ``callbacks/fx_quant.py`` (:func:`quantize_model`, :func:`prepare_for_qat`),
-so the flow can move to torchao's PT2E export path (the successor, already in torch's
-deprecation notes) in one place.
+Both flows have the same functions (:func:`quantize_model`, :func:`prepare_for_qat`, observer
+switches, ``freeze_bn``, ``load_quantized``); the callbacks call them through ``self.flow()``.
 The int8 model is evaluated on the CPU (the int8 kernels are CPU kernels).
 """
 
@@ -42,7 +43,8 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from callbacks.stage import StageContext, StageResult, write_selection
-from callbacks.fx_quant import BACKENDS, OBSERVERS, RECIPE_KEY, calibration_batches, quantize_model, resolve_backend
+from callbacks.fx_quant import OBSERVERS, calibration_batches
+from callbacks.quant_engine import ENGINES, RECIPE_KEY, flow, fx_reason, resolve_backend
 from kd.tracking.measure import accuracy
 
 class QuantizationCallback(Callback):
@@ -61,21 +63,39 @@ class QuantizationCallback(Callback):
     converts = True
     prepares_graph = False  # True: set up before any pruner (its callbacks go first)
     start = 0  # the epoch from which the model is in its quantized form
+    engine = "none"  # the flow that makes the int8 model (quant_engine): "pt2e" or "fx"; none for float-evaluated recipes
+    engine_reason: str | None = None  # why engine=auto chose the FX flow
 
-    def __init__(self, backend: str = "auto", per_channel: bool = True) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"quantize.backend must be one of {BACKENDS}, got {backend!r}")
-        backend = resolve_backend(backend)
-        if backend not in torch.backends.quantized.supported_engines:
-            raise ValueError(f"quantize.backend={backend!r} is not built into this torch ({torch.backends.quantized.supported_engines})")
-        self.backend, self.per_channel = backend, per_channel
+    def __init__(self, backend: str = "auto", per_channel: bool = True, engine: str = "auto") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"quantize.engine must be one of {ENGINES}, got {engine!r}")
+        self.engine_setting, self.backend_setting = engine, backend
+        self.engine = "fx" if engine == "fx" else "pt2e"
+        self.backend = resolve_backend(backend, self.engine)
+        self.per_channel = per_channel
+
+    def use_engine(self, objective: Any, pruner: Any) -> None:
+        """Pick the flow for this run (before training): PT2E unless this recipe needs the FX flow
+        (``quant_engine.fx_reason``); ``engine=pt2e`` with such a recipe is refused."""
+        reason = fx_reason(self.mode, objective, pruner)
+        if reason is None or self.engine_setting == "fx":
+            return
+        if self.engine_setting == "pt2e":
+            raise ValueError(f"quantize.engine=pt2e cannot do this run's quantization: {reason}; use quantize.engine=auto (or fx)")
+        self.engine, self.engine_reason = "fx", reason
+        self.backend = resolve_backend(self.backend_setting, "fx")
+
+    def flow(self):
+        """The module of this callback's flow: ``callbacks/pt2e_quant.py`` or ``callbacks/fx_quant.py``."""
+        return flow(self.engine)
 
     @property
     def kind(self) -> str:
         return {"static": "ptq"}.get(self.mode, self.mode)
 
     def recipe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "backend": self.backend, "per_channel": self.per_channel, "observer": getattr(self, "observer", "minmax")}
+        return {"mode": self.mode, "engine": self.engine, "backend": self.backend, "per_channel": self.per_channel,
+                "observer": getattr(self, "observer", "minmax")}  # fmt: skip
 
     def describe(self) -> str:
         return f"int8 {self.mode}"
@@ -83,6 +103,8 @@ class QuantizationCallback(Callback):
     # -- the CompressionStage contract -----------------------------------------------------
     def check(self, model: nn.Module, context: StageContext) -> None:
         pruner = next((s for s in context.stages if s.group == "prune"), None)
+        if self.converts or self.mode == "qat":
+            self.use_engine(context.objective, pruner)
         self.check_with(context.objective, pruner, model, context.input_shape)
 
     def prepare(self, model: nn.Module, context: StageContext) -> nn.Module:
@@ -99,7 +121,8 @@ class QuantizationCallback(Callback):
         if self.converts:  # the int8 model: a separate deployable form, tested and measured against this float one
             int8 = self.convert(model, context.data)
             metrics = {f"quant/compare/{k}/test_acc": v for k, v in self.compared().items()}
-            return StageResult(model, metrics, self.artifacts(Path(context.run_dir)), deployed=int8, deployed_extras=recipe)
+            tags = {"kd.quant_engine": self.engine + (f" ({self.engine_reason})" if self.engine_reason else "")}
+            return StageResult(model, metrics, self.artifacts(Path(context.run_dir)), tags=tags, deployed=int8, deployed_extras=recipe)
         model = self.convert(model, context.data)  # clustered or low-bit: this model is the result
         metrics = {"quant/bits": float(self.recipe()["bits"])}
         if (coded := self.coded_bytes(model)) is not None:
@@ -144,16 +167,17 @@ class PostTrainingQuantization(QuantizationCallback):
     Args:
         observer: activation range estimator: ``minmax``, ``moving_average`` or ``histogram``.
         per_channel: per-output-channel weight scales (else one per tensor).
-        backend: ``auto`` (x86 on a CPU with VNNI, else qnnpack), ``x86``, ``fbgemm`` or ``qnnpack``.
+        backend: ``auto``, ``x86``, ``fbgemm``, ``qnnpack`` or ``xnnpack`` (``quant_engine.resolve_backend``).
         calibration_batches: training batches observed before converting.
         dynamic: quantize linear layers' weights only, activations at run time (no calibration).
         compare: also convert with every estimator (and dynamically) and record each int8 test
             accuracy (``comparison``; the run logs it and writes ``ptq_compare.csv``).
+        engine: ``auto`` or ``pt2e`` (torchao's PT2E flow) or ``fx`` (torch's FX graph mode).
     """
 
     def __init__(self, observer: str = "histogram", per_channel: bool = True, backend: str = "auto",
-                 calibration_batches: int = 32, dynamic: bool = False, compare: bool = False) -> None:  # fmt: skip
-        super().__init__(backend, per_channel)
+                 calibration_batches: int = 32, dynamic: bool = False, compare: bool = False, engine: str = "auto") -> None:  # fmt: skip
+        super().__init__(backend, per_channel, engine)
         self.compare = compare
         self.comparison: dict[str, float] = {}  # estimator -> int8 test accuracy, when compare
         if observer not in OBSERVERS:
@@ -173,8 +197,8 @@ class PostTrainingQuantization(QuantizationCallback):
         if self.compare:
             for name in [*OBSERVERS, "dynamic"]:
                 recipe = self.recipe() | ({"mode": "dynamic"} if name == "dynamic" else {"mode": "static", "observer": name})
-                self.comparison[name] = accuracy(quantize_model(model, recipe, batches), data.test.x, data.test.y)
-        return quantize_model(model, self.recipe(), batches)
+                self.comparison[name] = accuracy(self.flow().quantize_model(model, recipe, batches), data.test.x, data.test.y)
+        return self.flow().quantize_model(model, self.recipe(), batches)
 
     def compared(self) -> dict[str, float]:
         return dict(self.comparison)

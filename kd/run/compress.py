@@ -5,7 +5,7 @@ student with the run's objective (what a stage asks for through ``StageContext.f
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -19,11 +19,14 @@ from kd.train.trainer import Trainers, scale_learning_rate
 
 
 def quantized_metrics(
-    measurement: Measurement, model: nn.Module, int8: nn.Module, data: TensorDataModule, final: dict[str, float], float_acc: float
-) -> dict[str, float]:
+    measurement: Measurement, model: nn.Module, int8: nn.Module, data: TensorDataModule, final: dict[str, float], float_acc: float,
+    lower: Callable[[nn.Module], nn.Module] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """``quant/*``: the int8 model's test accuracy (and its change from the tested float or
     fake-quant ``model``), its agreement with ``model`` on the test set, size and latency, with
-    ratios to the float student."""
+    ratios to the float student. ``lower``: how the int8 model runs fast (PT2E: compiled by
+    Inductor); its latency is then that of the lowered model, and the speed-up is against the float
+    model lowered the same way (``quant/float_latency_ms_b*``), not against eager float."""
     assert data.test is not None
     quant = lambda name: keys.key(keys.QUANT, name)  # noqa: E731
     metrics = {quant("test_acc"): accuracy(int8, data.test.x, data.test.y), quant("bits_per_weight"): 8.0}
@@ -31,11 +34,16 @@ def quantized_metrics(
     metrics |= keys.prefixed(keys.QUANT, agreement(reference, int8, data.test.x))
     metrics[quant("acc_delta")] = metrics[quant("test_acc")] - float_acc
     with int8_ops():
-        measured = measurement.quantized(int8, data.input_shape)
+        measured = measurement.quantized(int8, data.input_shape, lower)
     metrics |= keys.prefixed(keys.QUANT, measured)
     metrics[quant("size_reduction")] = final[keys.key(keys.MODEL, keys.SIZE)] / metrics[quant(keys.SIZE)]
+    reference = {}
+    if lower is not None and keys.latency_batches(measured):  # the float model, run the way the int8 one runs
+        reference = measurement.latencies(lower(model), data.input_shape)
+        metrics |= {quant(f"float_{k}"): v for k, v in reference.items()}
     for batch in keys.latency_batches(measured):
-        metrics[quant(f"speedup_b{batch}")] = final[keys.key(keys.MODEL, keys.LATENCY + batch)] / measured[keys.LATENCY + batch]
+        float_ms = reference[keys.LATENCY + batch] if reference else final[keys.key(keys.MODEL, keys.LATENCY + batch)]
+        metrics[quant(f"speedup_b{batch}")] = float_ms / measured[keys.LATENCY + batch]
     return metrics
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from callbacks import CompressionStage, PruningCallback, StageContext, check_combination, in_order
 from kd.data import TensorDataModule
+from callbacks.quant_engine import RECIPE_KEY, lowering
 from kd.run.compress import finetune, quantized_metrics
 from kd.run.config import check_counts, check_keys, check_optimizers, check_switches, experiment_name
 from kd.run.identity import run_identity
@@ -188,7 +189,8 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         with phase("measuring " + ", ".join(measured) + timing):
             final.update(keys.prefixed(keys.MODEL, measurement(module.model, data.input_shape)))
             if deployed is not None:  # the int8 model: tested on the CPU, measured, saved beside the float one
-                final.update(quantized_metrics(measurement, module.model, deployed.deployed, data, final, float(tested[keys.TEST_ACC])))
+                lower = lowering(deployed.deployed_extras.get(RECIPE_KEY))  # PT2E: timed compiled, beside float compiled
+                final.update(quantized_metrics(measurement, module.model, deployed.deployed, data, final, float(tested[keys.TEST_ACC]), lower))
             if teacher is not None:
                 final[keys.TEACHER_TEST_ACC] = teacher_acc
                 final.update(keys.prefixed(keys.TEACHER, measurement(teacher.model, data.input_shape)))

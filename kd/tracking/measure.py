@@ -125,6 +125,7 @@ def time_forward(
             timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
             found = timer.blocked_autorange(min_run_time=1.0)
             return Timing(found.median * 1e3, found.iqr / found.median if found.median else 0.0, found.number_per_run * len(found.times))
+        model(x)  # the first pass can be much slower (a compile, a cold cache): not part of the warm-up's rate
         began, warm = clock(), 0
         while warm < WARMUP or (warm < MAX_REPEATS and clock() - began < WARMUP_S):
             model(x)
@@ -195,13 +196,15 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def measure_quantized(
-    model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool | str = True, threads: int = 1
-) -> dict[str, float]:
+    model: nn.Module, input_shape: tuple[int, ...], large_batch: int = 256, latency: bool | str = True, threads: int = 1,
+    lower: Callable[[nn.Module], nn.Module] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Size on disk and CPU latency of an int8 model (its packed weights are not parameters, so
-    parameter counts and the FLOP counter do not apply)."""
+    parameter counts and the FLOP counter do not apply); timed as ``lower(model)`` when given (a
+    PT2E model runs int8 kernels only once Inductor has compiled it)."""
     result: dict[str, float] = {"size_bytes": state_dict_bytes(model), "size_bytes_zip": zip_bytes(model)}
     if latency:
-        result |= _latencies(model, input_shape, (1, large_batch), threads, latency == "full")
+        result |= _latencies(lower(model) if lower is not None else model, input_shape, (1, large_batch), threads, latency == "full")
     return result
 
 
@@ -225,8 +228,14 @@ class Measurement:
     def __call__(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
         return measure(model, input_shape, self.large_batch, self.latency, self.threads)
 
-    def quantized(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
-        return measure_quantized(model, input_shape, self.large_batch, self.latency, self.threads)
+    def quantized(self, model: nn.Module, input_shape: tuple[int, ...], lower: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
+        return measure_quantized(model, input_shape, self.large_batch, self.latency, self.threads, lower)
+
+    def latencies(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+        """Only the latency keys (``latency_ms_b*``, ``latency_spread_b*``); {} when not timed."""
+        if not self.latency:
+            return {}
+        return _latencies(model, input_shape, (1, self.large_batch), self.threads, self.latency == "full")
 
 
 @contextlib.contextmanager

@@ -74,7 +74,7 @@ BAD = [
     (["prune=structured", "prune.sparsity=1.0"], "prune.sparsity must be a fraction in [0, 1), got 1.0"),
     # quantisation
     (["quantize=ptq", "quantize.observer=nope"], "quantize.observer must be one of ('minmax', 'moving_average', 'histogram', 'percentile', 'entropy'), got 'nope'"),
-    (["quantize=ptq", "quantize.backend=arm"], "quantize.backend must be one of ('auto', 'x86', 'fbgemm', 'qnnpack'), got 'arm'"),
+    (["quantize=ptq", "quantize.backend=arm"], "quantize.backend must be one of ('auto', 'x86', 'fbgemm', 'qnnpack', 'xnnpack'), got 'arm'"),
     (["quantize=ptq", "quantize.calibration_batches=0"], "quantize.calibration_batches must be >= 1, got 0"),
     (["quantize=qat", "quantize.bits=1"], "quantize.bits must lie in [2, 8], got 1"),
     (["quantize=cluster", "quantize.bits=0"], "quantize.bits must lie in [1, 8] for clustering, got 0"),

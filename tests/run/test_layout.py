@@ -35,10 +35,11 @@ def test_kd_imports_callbacks_only_in_the_orchestrator():
 
 
 def test_no_library_module_imports_kd_or_callbacks_inside_a_function():
-    # function-local imports of our own modules are how a cycle hides; only run.py defers one (fast --help)
+    # function-local imports of our own modules are how a cycle hides; only run.py defers one (fast --help),
+    # and the quantization flows defer PT2E's module (torchao's import costs a run that does not quantize 2.5 s)
     local = [(p.relative_to(ROOT).as_posix(), m) for folder in ("kd", "callbacks") for p in _sources(folder)
              for m, inside in _imports(p) if inside and m.split(".")[0] in ("kd", "callbacks")]  # fmt: skip
-    assert local == []
+    assert local == [("callbacks/quant_engine.py", "callbacks")]
 
 
 def test_the_analysis_reads_the_store_not_the_training_code():

@@ -172,15 +172,15 @@ def test_quick_timing_reports_the_median_and_the_interquartile_spread_of_its_pas
     from kd.tracking.measure import MIN_REPEATS, WARMUP, time_forward
 
     timed = [0.001, 0.002, 0.003, 0.004, 0.005]  # ms 1..5: median 3, quartiles 2 and 4 (inclusive)
-    model = _Clocked([0.5] * WARMUP + timed + [1.0] * 10)
+    model = _Clocked([0.5] * (1 + WARMUP) + timed + [1.0] * 10)  # one untimed first pass, then the warm-up
     timing = time_forward(model, (3,), 1, budget_s=0.0, clock=model.clock)
     assert timing.repeats == MIN_REPEATS == 5  # a spent budget still times MIN_REPEATS passes
     assert timing.median_ms == pytest.approx(3.0)
     assert timing.spread == pytest.approx((4.0 - 2.0) / 3.0)
-    steady = _Clocked([0.001] * (WARMUP + 40))  # 1 ms passes within a 25 ms budget: about 25 of them
+    steady = _Clocked([0.001] * (1 + WARMUP + 40))  # 1 ms passes within a 25 ms budget: about 25 of them
     found = time_forward(steady, (3,), 1, budget_s=0.025, clock=steady.clock)
     assert 24 <= found.repeats <= 26 and found.spread == 0.0 and found.median_ms == pytest.approx(1.0)
-    fast = _Clocked([0.0001] * 1000)  # 0.1 ms passes: timed five to a block of BLOCK_S = 0.5 ms
+    fast = _Clocked([5.0] + [0.0001] * 1000)  # a 5 s first pass (a compile), then 0.1 ms passes: five to a block of BLOCK_S = 0.5 ms
     timing = time_forward(fast, (3,), 1, budget_s=0.0, clock=fast.clock)
     assert timing.repeats == MIN_REPEATS * 5 and timing.median_ms == pytest.approx(0.1)
     assert 1000 - 25 - len(fast.durations) in (100, 101)  # warm-up: WARMUP_S = 10 ms of passes (float sums), then 5 blocks of 5
