@@ -374,7 +374,41 @@ def test_each_structured_event_removes_the_groups_count_and_keeps_what_it_remove
     assert module.logged["model/sparsity/conv1"] == pytest.approx(3 / 6)
 
 
-def test_pruned_channels_stay_zero_after_a_step_and_are_listed_for_the_saved_model():
+def test_channel_sparsity_is_the_pruned_share_of_all_group_channels():
+    net = lenet()
+    cb, trainer, module = structured(net, sparsity=0.25)
+    cb.on_train_epoch_start(trainer, module)
+    cb.on_train_epoch_end(trainer, module)
+    pruned = sum(removed(n, 0.25) for n in WIDTHS.values())  # 1 + 4 + 30 + 21 of 226
+    assert module.logged["model/channel_sparsity"] == pytest.approx(pruned / sum(WIDTHS.values()))
+
+
+def test_the_structured_defaults_and_a_fold_before_any_fit():
+    cb = StructuredPruning(0.5)
+    assert (cb.importance, cb.scope, cb.calibration_batches, cb.reg_strength, cb.regularize, cb.lr_scale) == ("l1", "layer", 8, 1e-4, None, 1.0)
+    with pytest.raises(AssertionError, match=r"^finalize\(\) runs after fit\(\)$"):
+        cb.fold(lenet())
+    with pytest.raises(ValueError, match="ends at epoch 3 but training has trainer.max_epochs=3"):
+        StructuredPruning(0.5, schedule="agp", start=0, end=3).check_layers(lenet(), SHAPE, max_epochs=3)
+    with pytest.raises(ValueError, match=r"^prune.calibration_batches must be >= 1, prune.reg_strength >= 0, prune.lr_scale in \(0, 1\]$"):
+        StructuredPruning(0.5, calibration_batches=0)
+
+
+def test_a_resumed_structured_callback_zeroes_its_channels_before_the_next_event():
+    net = lenet()
+    cb, trainer, module = structured(net, sparsity=0.5)
+    cb.on_train_epoch_start(trainer, module)
+    state = cb.state_dict()
+    resumed, trainer2, module2 = structured(net, sparsity=0.5)  # setup, then Lightning restores the callback's state
+    resumed.load_state_dict(state)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    resumed.on_train_batch_end(trainer2, module2, None, None, 0)
+    assert dead_rows(net.conv1.weight) == 3 and dead_rows(net.fc1.weight) == 60
+
+
+def test_the_pruned_channels_of_each_group_are_listed_for_the_saved_model():
     net = lenet()
     cb, trainer, module = structured(net, sparsity=0.5)
     cb.on_train_epoch_start(trainer, module)
@@ -496,7 +530,15 @@ def test_fold_refuses_a_model_whose_function_removal_would_change():
     cb.apply(net, SHAPE)
     channel = cb.pruned_channels()["conv2"][0]
     revive(net, channel, 5.0)  # a "pruned" channel that still carries a signal
-    with pytest.raises(RuntimeError, match=r"removing the pruned channels changed the outputs \(max \|diff\| [0-9.e+-]+\)"):
+    x = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(0))  # the fold's own probe
+    with torch.no_grad():
+        before = net.eval()(x)
+        rows = net.fc1.weight[:, 4 * channel : 4 * channel + 4].clone()
+        net.fc1.weight[:, 4 * channel : 4 * channel + 4] = 0.0
+        without = net(x)
+        net.fc1.weight[:, 4 * channel : 4 * channel + 4] = rows
+    diff = float((before - without).abs().max())
+    with pytest.raises(RuntimeError, match=rf"^removing the pruned channels changed the outputs \(max \|diff\| {diff:.3g}\)$"):
         cb.fold(net)
 
 
@@ -510,7 +552,7 @@ def test_fold_tolerates_only_float_noise():
     net2 = lenet()
     cb2 = StructuredPruning(0.5, layers=["conv2"])
     cb2.apply(net2, SHAPE)
-    revive(net2, cb2.pruned_channels()["conv2"][0], 0.05)  # small, but a real change
+    revive(net2, cb2.pruned_channels()["conv2"][0], 1e-4)  # a change of about 1e-3 in logits of about 0.1: real
     with pytest.raises(RuntimeError, match="changed the outputs"):
         cb2.fold(net2)
 
@@ -620,15 +662,16 @@ def test_a_resumed_round_is_not_entered_twice():
     assert cb._round == 1 and int((net.fc1.weight_mask == 0).sum()) == pruned
 
 
-def test_late_rewinding_captures_the_weights_of_step_k_only():
+@pytest.mark.parametrize("k", [1, 3])
+def test_late_rewinding_captures_the_weights_of_step_k_only(k):
     net = Net()
-    cb, trainer, module = lottery(net, sparsity=0.3, rate=0.3, rewind=3)
+    cb, trainer, module = lottery(net, sparsity=0.3, rate=0.3, rewind=k)
     assert cb._rewind_state is None  # not the initial weights
     for step in range(6):
         trainer.global_step = step
         cb.on_train_batch_start(trainer, module, None, step)
-        if step == 3:
-            at_k = {k: v.clone() for k, v in net.state_dict().items()}
+        if step == k:
+            at_k = {name: v.clone() for name, v in net.state_dict().items()}
         with torch.no_grad():
             net.fc1.bias.add_(1.0)
     start_epoch(cb, trainer, module, 2)
@@ -681,13 +724,52 @@ def test_the_artifacts_of_a_single_round_and_the_fold(tmp_path):
 
 def test_the_control_redraws_fresh_weights_from_its_seed_each_round():
     net = Net()
-    cb, trainer, module = lottery(net, sparsity=0.5, rate=0.3, reinit="random")
+    cb, trainer, module = lottery(net, sparsity=0.5, rate=0.3, reinit="random", seed=7)
     cb.build_model = _fresh  # a builder draws from the global generator, which the control seeds
+    for r, epoch in ((1, 2), (2, 4)):
+        start_epoch(cb, trainer, module, epoch)
+        torch.manual_seed(7 + 1000 * r)
+        expected = _fresh()
+        kept = net.fc1.weight_mask.bool()
+        torch.testing.assert_close(net.fc1.weight_orig[kept], expected.fc1.weight[kept])
+
+
+def test_a_round_without_validation_has_no_best_epoch():
+    net = Net()
+    cb, trainer, module = lottery(net, sparsity=0.5, rate=0.3)
     start_epoch(cb, trainer, module, 2)
-    torch.manual_seed(0 + 1000 * 1)
-    expected = _fresh()
-    kept = net.fc1.weight_mask.bool()
-    torch.testing.assert_close(net.fc1.weight_orig[kept], expected.fc1.weight[kept])
+    assert trainer.logger.rows[0][1]["lottery/val_acc_best"] == -1.0 and trainer.logger.rows[0][1]["lottery/early_stop_iteration"] == 0.0
+
+
+def test_lottery_layers_choose_what_is_pruned_and_a_kept_output_layer_is_fine():
+    net = Net()
+    cb, trainer, module = lottery(net, sparsity=0.5, rate=0.3, layers=["fc1"])
+    start_epoch(cb, trainer, module, 2)
+    assert list(cb._targets) == ["fc1"] and not hasattr(net.head, "weight_mask") and not hasattr(net.fc2, "weight_mask")
+    assert int((net.fc1.weight_mask == 0).sum()) == round(0.3 * 192)
+    net2 = Net()
+    cb2, trainer2, module2 = lottery(net2, sparsity=0.5, rate=0.3, skip=["head"])
+    assert cb2._output is None  # the output layer is not pruned: no half rate for anyone
+    start_epoch(cb2, trainer2, module2, 2)
+    assert int((net2.fc2.weight_mask == 0).sum()) == round(0.3 * 96)
+
+
+def test_a_second_lottery_setup_keeps_the_masks():
+    net = Net()
+    cb, trainer, module = lottery(net, sparsity=0.5, rate=0.3)
+    start_epoch(cb, trainer, module, 2)
+    mask = net.fc1.weight_mask.clone()
+    cb.setup(trainer, module, "fit")
+    assert torch.equal(net.fc1.weight_mask, mask) and len(net.fc1._forward_pre_hooks) == 1
+
+
+def test_replayed_masks_are_loaded_as_weights_only(tmp_path):
+    import pickle
+
+    path = tmp_path / "masks.pt"
+    torch.save({1: {"fc1": SimpleNamespace(mask=torch.ones(12, 16))}}, path)  # an object, not a tensor
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        LotteryTicket(0.3, rate=0.3, masks_from=str(path)).check_layers(Net(), (16,))
 
 
 def _fresh() -> Net:
@@ -714,5 +796,44 @@ def test_replayed_masks_must_cover_every_round_and_layer(tmp_path):
     with pytest.raises(ValueError, match=r"round 1 has no mask of shape \(4, 8\) for 'head'$"):
         LotteryTicket(0.5, rate=0.3, masks_from=str(path)).check_layers(Net(), (16,))
     LotteryTicket(0.5, rate=0.3, masks_from=str(path), skip=["head"]).check_layers(Net(), (16,))  # only the pruned layers need one
+    LotteryTicket(0.5, rate=0.3, masks_from=str(path), layers=["fc*"]).check_layers(Net(), (16,))
     torch.save(good, path)
     LotteryTicket(0.5, rate=0.3, masks_from=str(path)).check_layers(Net(), (16,))
+
+
+# ---- model selection -------------------------------------------------------------------
+from callbacks import PostTrainingQuantization, QuantizationAwareTraining, SELECTION_KEY, WeightClustering  # noqa: E402
+from callbacks.stage import write_selection  # noqa: E402
+
+
+def selecting(stages, epoch: int, acc: float | None, sanity: bool = False):
+    trainer = SimpleNamespace(callbacks=[*stages, object()], current_epoch=epoch, sanity_checking=sanity,
+                              callback_metrics={} if acc is None else {"val/acc": torch.tensor(acc)})  # fmt: skip
+    write_selection(trainer)
+    return trainer.callback_metrics.get(SELECTION_KEY)
+
+
+def test_an_epoch_counts_for_selection_only_when_every_stage_has_its_final_form():
+    pruner = MagnitudePruning(0.5, schedule="agp", start=0, end=2)
+    clustering = WeightClustering(bits=4, start=3)
+    assert float(selecting([pruner, clustering], 3, 0.7)) == 0.0  # pruner not at its target yet
+    pruner._done = [0, 1, 2]
+    assert float(selecting([pruner, clustering], 2, 0.7)) == 0.0  # clustering starts at epoch 3
+    assert float(selecting([pruner, clustering], 3, 0.7)) == pytest.approx(0.7)
+    assert float(selecting([], 0, 0.6)) == pytest.approx(0.6)  # no stage: every epoch counts
+    assert selecting([pruner], 3, None) is None  # no validation this epoch: nothing written
+    assert selecting([pruner], 3, 0.9, sanity=True) is None  # Lightning's sanity check is not an epoch
+
+
+def test_the_selection_key_is_a_copy_of_the_accuracy():
+    trainer = SimpleNamespace(callbacks=[], current_epoch=0, sanity_checking=False, callback_metrics={"val/acc": torch.tensor(0.5)})
+    write_selection(trainer)
+    trainer.callback_metrics["val/acc"] += 0.25
+    assert float(trainer.callback_metrics[SELECTION_KEY]) == 0.5
+
+
+def test_post_training_quantization_lets_every_epoch_count_and_qat_every_epoch_from_its_start():
+    assert PostTrainingQuantization().selectable(0)
+    qat = QuantizationAwareTraining()
+    assert qat.selectable(0) and qat.start == 0
+    assert not WeightClustering(bits=4, start=2).selectable(1) and WeightClustering(bits=4, start=2).selectable(2)
