@@ -114,9 +114,3 @@ def load_quantized(model: nn.Module, saved: dict[str, Any], recipe: dict[str, An
     with int8_ops():
         quantized.load_state_dict(saved["state_dict"])
     return quantized
-
-
-def calibration_batches(data: Any, n: int) -> list[torch.Tensor]:
-    """The first ``n`` batches of a fixed shuffle of the training split."""
-    order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(0))
-    return [data.train.x[chunk] for chunk in order[: n * data.batch_size].split(data.batch_size)]

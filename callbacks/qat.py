@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from callbacks.fx_quant import calibration_batches
+from kd.data import calibration_batches
 from callbacks.qat_features import qat_feature_aliases
 from callbacks.quantization import QuantizationCallback
 from callbacks.stage import THINNING, StageContext, StageResult

@@ -43,7 +43,8 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from callbacks.stage import StageContext, StageResult, write_selection
-from callbacks.fx_quant import OBSERVERS, calibration_batches
+from callbacks.fx_quant import OBSERVERS
+from kd.data import calibration_batches
 from callbacks.quant_engine import ENGINES, RECIPE_KEY, flow, fx_reason, resolve_backend
 from kd.tracking.measure import accuracy
 

@@ -130,3 +130,11 @@ def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True) -> Tensor:
         return out
     flipped = torch.rand(b, device=x.device) < 0.5
     return torch.where(flipped[:, None, None, None], out.flip(-1), out)
+
+
+def calibration_batches(data: object, n: int) -> list[Tensor]:
+    """The first ``n`` batches of a fixed shuffle of ``data``'s training split (``data.train.x``,
+    ``data.batch_size``): what quantizers calibrate on and the ONNX int8 export too, the same on
+    every rank and in every run."""
+    order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
+    return [data.train.x[chunk] for chunk in order[: n * data.batch_size].split(data.batch_size)]  # type: ignore[attr-defined]

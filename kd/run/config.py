@@ -53,13 +53,16 @@ _SWITCHES = ("resume", "distill_cache", "compile", "log_steps", "data.augment", 
 
 
 def check_switches(cfg: DictConfig) -> None:
-    """The run's on/off keys are booleans and ``teacher.augment`` a boolean or null (``measure.*``:
-    checked by ``Measurement``)."""
+    """The run's on/off keys are booleans, ``teacher.augment`` a boolean or null and ``export``
+    none or onnx (``measure.*``: checked by ``Measurement``)."""
     for key in (*_SWITCHES, "teacher.augment"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool) and not (value is None and key == "teacher.augment"):
             allowed = "true, false or null" if key == "teacher.augment" else "true or false"
             raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    export = cfg.get("export", "none")
+    if export not in ("none", "onnx"):
+        raise ValueError(f"export must be one of ('none', 'onnx'), got {export!r}")
     every = OmegaConf.select(cfg, "trainer.log_every_n_steps", default=50)
     if cfg.get("log_steps") and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"log_steps=true logs every trainer.log_every_n_steps steps, which must be an integer >= 1, got {every!r}")

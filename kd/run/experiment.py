@@ -22,6 +22,7 @@ from callbacks import CompressionStage, PruningCallback, StageContext, check_com
 from kd.data import TensorDataModule
 from callbacks.quant_engine import RECIPE_KEY, lowering
 from kd.run.compress import finetune, quantized_metrics
+from kd.run.export import export_student
 from kd.run.config import check_counts, check_keys, check_optimizers, check_switches, experiment_name
 from kd.run.identity import run_identity
 from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
@@ -194,6 +195,15 @@ def _run(cfg: DictConfig) -> dict[str, float]:
             if teacher is not None:
                 final[keys.TEACHER_TEST_ACC] = teacher_acc
                 final.update(keys.prefixed(keys.TEACHER, measurement(teacher.model, data.input_shape)))
+        if cfg.get("export", "none") == "onnx":
+            with phase("exporting to ONNX and checking it in onnxruntime"):
+                int8, engine = (deployed.deployed, deployed.deployed_extras[RECIPE_KEY].get("engine", "fx")) if deployed else (None, None)
+                exported, export_tags, files = export_student(module.model, int8, engine, data, measurement, Path(cfg.paths.run_dir), final)
+            final.update(exported)
+            tracker.set_tags(run_id, export_tags)
+            for path in files:
+                tracker.log_artifact(run_id, path)
+            saved += files
         if noisy := noisy_latencies(final):  # a busy machine: the medians are less trustworthy than they look
             log.warning("latency spread above %d%% of the median for %s: the machine was busy while timing", NOISY * 100, ", ".join(noisy))
             tracker.set_tags(run_id, {"kd.latency_noisy": ",".join(noisy)})

@@ -11,7 +11,8 @@ A key is ``family/name``. The families:
   ``<stage>/*_reduction`` are ``dense/*`` over ``model/*``;
 - ``teacher/``: the teacher, measured like the student;
 - ``quant/``, ``prune/``, ``factorize/``: what each compression stage reports about itself;
-- ``omit/``: the omitted-classes experiment (Hinton et al. 2015, section 3).
+- ``omit/``: the omitted-classes experiment (Hinton et al. 2015, section 3);
+- ``export/``: the exported files checked in onnxruntime (``export/float/*``, ``export/int8/*``).
 
 Params are the resolved config flattened (:func:`flatten`: ``distill.temperature``).
 """
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 MODEL, DENSE, TEACHER, QUANT, PRUNE, FACTORIZE, OMIT = "model", "dense", "teacher", "quant", "prune", "factorize", "omit"
+EXPORT = "export"
 
 VAL_ACC = "val/acc"  # per epoch
 VAL_ACC_BEST = "val/acc_best"  # the validation-selected epoch's: what a sweeper optimises

@@ -73,6 +73,7 @@ BAD = [
     (["prune=agp", "prune.start=2", "prune.end=1"], "a agp schedule needs prune.end >= prune.start (got start=2, end=1)"),
     (["prune=structured", "prune.sparsity=1.0"], "prune.sparsity must be a fraction in [0, 1), got 1.0"),
     # quantisation
+    (["export=tflite"], "export must be one of ('none', 'onnx'), got 'tflite'"),
     (["quantize=ptq", "quantize.observer=nope"], "quantize.observer must be one of ('minmax', 'moving_average', 'histogram', 'percentile', 'entropy'), got 'nope'"),
     (["quantize=ptq", "quantize.backend=arm"], "quantize.backend must be one of ('auto', 'x86', 'fbgemm', 'qnnpack', 'xnnpack'), got 'arm'"),
     (["quantize=ptq", "quantize.calibration_batches=0"], "quantize.calibration_batches must be >= 1, got 0"),

@@ -1,0 +1,1 @@
+"""Deployable files of a student: ONNX export checked in onnxruntime (``kd.deploy.onnx``)."""
