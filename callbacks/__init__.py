@@ -8,6 +8,7 @@ from callbacks.clustering import WeightClustering
 from callbacks.factorize import LowRankFactorization
 from callbacks.lottery import LotteryTicket
 from callbacks.magnitude import MagnitudePruning
+from callbacks.nm import NMPruning
 from callbacks.qat import QuantizationAwareTraining
 from callbacks.quantization import PostTrainingQuantization, QuantizationCallback
 from callbacks.schedule import SparsitySchedule
@@ -22,6 +23,7 @@ __all__ = [
     "LotteryTicket",
     "LowRankFactorization",
     "MagnitudePruning",
+    "NMPruning",
     "PostTrainingQuantization",
     "PruningCallback",
     "QuantizationAwareTraining",

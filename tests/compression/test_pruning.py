@@ -248,3 +248,19 @@ def test_schedule_defaults_boundaries_and_labels():
         SparsitySchedule("agp", end=2, initial_sparsity=1.0)
     assert SparsitySchedule("oneshot", start=2).describe() == "oneshot@epoch2"
     assert SparsitySchedule("agp", start=1, end=5, every=2, unit="step").describe() == "agp steps 1..5/2"
+
+
+def test_a_2_4_run_keeps_the_pattern_in_the_saved_student_and_says_only_the_mask_is_applied(make_cfg):
+    from callbacks.nm import check_pattern
+    from kd.models import MLP
+
+    cfg = make_cfg("distill=none", "prune=nm", "prune.start=1", "trainer.max_epochs=3")
+    run(cfg)
+    client, (r,) = _runs(cfg)
+    assert client.get_metric_history(r.info.run_id, "model/sparsity")[-1].value == pytest.approx(0.5)  # of the pruned weights
+    student = MLP(num_classes=10, input_shape=(1, 8, 8), hidden=list(cfg.student.model.hidden))
+    student.load_state_dict(torch.load(Path(cfg.paths.run_dir) / "student.pt", weights_only=True))
+    for layer in (m for m in student.modules() if isinstance(m, torch.nn.Linear)):
+        assert check_pattern(layer.weight, 2, 4) == 2
+    assert r.data.tags["kd.nm_kernels"].startswith("2:4 pattern verified on every pruned tensor; CPU: only the mask is applied")
+    assert r.data.tags["kd.compression"] == "prune 2:4"

@@ -837,3 +837,90 @@ def test_post_training_quantization_lets_every_epoch_count_and_qat_every_epoch_f
     qat = QuantizationAwareTraining()
     assert qat.selectable(0) and qat.start == 0
     assert not WeightClustering(bits=4, start=2).selectable(1) and WeightClustering(bits=4, start=2).selectable(2)
+
+
+# ---- N:M semi-structured ---------------------------------------------------------------
+from callbacks import NMPruning  # noqa: E402
+from callbacks.nm import check_pattern  # noqa: E402
+
+
+def _groups_of(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """The non-zero count of every run of ``m`` input weights (a conv's runs are of input channels)."""
+    w = weight.detach()
+    if w.dim() == 4:
+        w = w.permute(0, 2, 3, 1)
+    return (w.reshape(-1, m) != 0).sum(1)
+
+
+def test_every_group_of_four_keeps_its_two_largest_weights():
+    net = Net()
+    cb = NMPruning(2, 4)
+    trainer, module = stub(net)
+    cb.setup(trainer, module, "fit")
+    original = net.fc1.weight.detach().clone()
+    cb.on_train_epoch_start(trainer, module)
+    for layer in (net.fc1, net.fc2, net.head):
+        assert _groups_of(layer.weight, 4).tolist() == [2] * (layer.weight.numel() // 4)
+    kept = net.fc1.weight.detach().reshape(-1, 4) != 0
+    top2 = original.abs().reshape(-1, 4).topk(2, dim=1).indices
+    assert torch.equal(kept, torch.zeros_like(kept).scatter_(1, top2, True))  # the two largest of each group, by hand
+    assert cb.describe() == "prune 2:4" and cb.sparsity == 0.5
+
+
+def test_a_gradual_schedule_steps_through_patterns_of_its_own():
+    net = Net()
+    cb = NMPruning(1, 4, schedule="agp", start=0, end=2)
+    trainer, module = stub(net)
+    cb.setup(trainer, module, "fit")
+    for epoch in range(3):
+        trainer.current_epoch = epoch
+        cb.on_train_epoch_start(trainer, module)
+        target = 0.75 * (1 - (1 - epoch / 2) ** 3)
+        assert set(_groups_of(net.fc1.weight, 4).tolist()) == {4 - int(target * 4 + 1e-9)}, epoch  # 4:4, 3:4, then 1:4
+        with torch.no_grad():
+            net.fc1.weight.add_(0.01)
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert cb.describe() == "prune 1:4 agp"
+
+
+def test_conv_groups_run_along_input_channels_and_taylor_uses_the_gradient():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x = torch.randn(32, 8, 8, 8)
+    y = torch.randint(0, 10, (32,))
+    data = SimpleNamespace(train=SimpleNamespace(x=x, y=y), batch_size=16, input_shape=(8, 8, 8))
+    cb = NMPruning(2, 4, importance="taylor", calibration_batches=2, skip=["2"])
+    cb.check_layers(conv, (8, 8, 8))
+    trainer, module = stub(conv, data=data)
+    cb.setup(trainer, module, "fit")
+    weight = conv[0].weight.detach().clone()
+    conv.zero_grad()
+    conv.eval()
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    for chunk in order.split(16):  # the summed gradient of two calibration batches, by hand
+        nn.functional.cross_entropy(conv(x[chunk]), y[chunk]).backward()
+    scores = (weight * conv[0].weight.grad).abs().permute(0, 2, 3, 1).reshape(-1, 4)
+    conv.train()
+    cb.on_train_epoch_start(trainer, module)
+    kept = conv[0].weight.detach().permute(0, 2, 3, 1).reshape(-1, 4) != 0
+    assert torch.equal(kept, torch.zeros_like(kept).scatter_(1, scores.topk(2, dim=1).indices, True))
+    assert conv[0].weight.grad is None  # the calibration gradient does not leak into training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"n": 5, "m": 4}, r"prune.n must be <= prune.m .* got n=5, m=4"), ({"n": 0}, "prune.n must be an integer >= 1, got 0"),
+     ({"m": 2.5}, "prune.m must be an integer >= 1, got 2.5"), ({"importance": "l1"}, r"prune.importance must be one of \('magnitude', 'taylor'\)")],
+)  # fmt: skip
+def test_bad_nm_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NMPruning(**kwargs)
+
+
+def test_a_layer_whose_input_is_not_a_multiple_of_m_is_named():
+    with pytest.raises(ValueError, match=r"N:M pruning of 'conv1': its input dimension 1 is not a multiple of prune.m=4; add it to prune.skip"):
+        NMPruning(2, 4).check_layers(lenet(), SHAPE)
+    with pytest.raises(ValueError, match=r"N:M pruning of 'conv2': its input dimension 6 is not a multiple of prune.m=4"):
+        NMPruning(2, 4, skip=["conv1"]).check_layers(lenet(), SHAPE)
+    NMPruning(2, 4, skip=["conv1", "conv2"]).check_layers(lenet(), SHAPE)  # fc1 (64), fc2 (120), fc3 (84) group by 4
+    NMPruning(2, 3, skip=["conv1", "fc1", "fc2"]).check_layers(lenet(), SHAPE)  # conv2's 6 and fc3's 84 by 3
