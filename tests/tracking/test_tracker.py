@@ -249,8 +249,10 @@ def test_metrics_are_batched_at_their_step(tracker):
     with tracker.open_run("metrics", {}) as run_id:
         tracker.log_metrics(run_id, metrics, step=4)
         tracker.log_metrics(run_id, {})
+        tracker.log_metrics(run_id, {"once": 2.0})  # at step 0 unless told
     logged = _run(tracker, run_id).data.metrics
-    assert logged == metrics
+    assert logged == metrics | {"once": 2.0}
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "once")] == [0]
     history = tracker.client.get_metric_history(run_id, "m/1002")
     assert [(m.step, m.value) for m in history] == [(4, 501.0)]
     assert abs(history[0].timestamp - time.time() * 1000) < 60_000  # milliseconds since the epoch, now
