@@ -26,7 +26,8 @@ def quantized_metrics(
     fake-quant ``model``), its agreement with ``model`` on the test set, size and latency, with
     ratios to the float student. ``lower``: how the int8 model runs fast (PT2E: compiled by
     Inductor); its latency is then that of the lowered model, and the speed-up is against the float
-    model lowered the same way (``quant/float_latency_ms_b*``), not against eager float."""
+    model lowered the same way (``quant/float_latency_ms_b*``), not against eager float. After QAT
+    the tested model is the fake-quant graph (slow, and not a float model): no speed-up is given."""
     assert data.test is not None
     quant = lambda name: keys.key(keys.QUANT, name)  # noqa: E731
     metrics = {quant("test_acc"): accuracy(int8, data.test.x, data.test.y), quant("bits_per_weight"): 8.0}
@@ -37,6 +38,8 @@ def quantized_metrics(
         measured = measurement.quantized(int8, data.input_shape, lower)
     metrics |= keys.prefixed(keys.QUANT, measured)
     metrics[quant("size_reduction")] = final[keys.key(keys.MODEL, keys.SIZE)] / metrics[quant(keys.SIZE)]
+    if any("FakeQuantize" in type(m).__name__ for m in model.modules()):
+        return metrics  # QAT: the trained model is the fake-quant graph, no float model to time the int8 one against
     reference = {}
     if lower is not None and keys.latency_batches(measured):  # the float model, run the way the int8 one runs
         reference = measurement.latencies(lower(model), data.input_shape)

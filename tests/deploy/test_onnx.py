@@ -136,3 +136,25 @@ def test_a_finished_run_exports_from_its_folder_or_its_run_id_and_bad_sources_ar
                             (str(tmp_path), f"{tmp_path} is not a finished run's folder: it needs student.pt")):  # fmt: skip
         assert main([source, "--uri", uri]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_qat_run_exports_its_int8_model_and_says_why_not_the_fake_quant_graph(make_cfg):
+    cfg = make_cfg("distill=none", "model@student.model=lenet5", "quantize=qat", "trainer.max_epochs=2", "export=onnx")
+    metrics = run(cfg)
+    assert metrics["export/int8/argmax_agreement"] >= onnx.INT8_AGREEMENT and "export/float/argmax_agreement" not in metrics
+    assert not any(k.startswith("quant/speedup") for k in metrics)  # no float model to time the int8 one against
+    client = MlflowClient(f"sqlite:///{Path(cfg.paths.output_root) / 'mlflow.db'}")
+    (student,) = [r for r in client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+                  if r.data.tags.get("kd.role") == "student"]  # fmt: skip
+    assert student.info.status == "FINISHED"
+    assert student.data.tags["kd.export_float"].startswith("not exported: the student is QAT's fake-quant graph")
+
+
+def test_an_exporter_failure_is_tagged_and_the_run_goes_on(trained, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ONNX function found for some op\nmore")
+
+    monkeypatch.setattr(onnx, "export", broken)
+    found, tags, files = run_export.export_student(trained, None, None, digits(), Measurement(latency=False), tmp_path, {})
+    assert files == [] and found == {}
+    assert tags == {"kd.export_float": "failed: RuntimeError: no ONNX function found for some op"}
