@@ -89,6 +89,10 @@ def test_groups_sort_by_objective_compression_temperature_and_alpha_with_missing
 
     rows = [row("e", "kd", None, 0.5), row("d", "kd", 4.0, None), row("c", "kd", 4.0, 0.9), row("b", "kd", 2.0, 0.9), row("a", "ce", None, None)]
     assert [s["group"] for s in summarise(rows, "test/acc")] == ["a", "b", "c", "d", "e"]
+    pruned = row("f", "kd", 2.0, 0.9) | {"compression": "structured-l1 s=0.5"}
+    legacy = {k: v for k, v in row("g", "kd", 2.0, 0.9).items() if k != "compression"}  # a run logged before compression existed
+    summary = summarise([pruned, legacy], "test/acc")
+    assert [(s["group"], s["compression"]) for s in summary] == [("g", "none"), ("f", "structured-l1 s=0.5")]  # "none" < "structured"
 
 
 def test_the_keys_shown_are_those_that_differ_within_a_method():
@@ -100,12 +104,18 @@ def test_the_keys_shown_are_those_that_differ_within_a_method():
     # the baseline has no temperature: only the method column differs
     assert differing_keys([group("kd", distill_temperature="4"), group("ce")]) == ["objective"]
     assert differing_keys([group("kd", distill_temperature="4", seed_x="1"), group("kd", distill_temperature="4", seed_x="2")]) == ["seed.x"]
+    for prefix in ("prune", "quantize", "factorize"):  # a compression method's keys count between groups of that method only
+        same = [dict(group("kd"), compression="m", config={f"{prefix}.k": v}) for v in ("1", "2")]
+        assert differing_keys(same) == [f"{prefix}.k"], prefix
+        other = [dict(group("kd"), compression="m", config={f"{prefix}.k": "1"}), dict(group("kd"), compression="none", config={})]
+        assert differing_keys(other) == ["compression"], prefix
 
 
 def test_a_sweeps_report_has_a_folder_of_its_own():
     assert report_folder("kd", None) == Path("outputs/reports/kd")
     assert report_folder("kd", "/abs/outputs/sweeps/2026-12-02/10-00-00") == Path("outputs/reports/kd/sweeps/2026-12-02_10-00-00")
     assert report_folder("kd", "c:/x/y") == Path("outputs/reports/kd/sweeps/x_y")
+    assert report_folder("kd", "/out/multirun/2026-12-02/10:00:00") == Path("outputs/reports/kd/sweeps/2026-12-02_10_00_00")
 
 
 def test_the_report_run_is_one_per_scope_and_reused(store, tmp_path):
@@ -146,3 +156,43 @@ def test_the_cli_exits_2_when_there_is_nothing_to_report(tmp_path, capsys, store
     assert "5 student run(s), none FINISHED with never/logged (experiment 'kd' in" in capsys.readouterr().out
     assert main(["--uri", uri, "--sweep", "/nowhere", "--no-log"]) == 2
     assert "no student runs (experiment 'kd', sweep '/nowhere' in" in capsys.readouterr().out
+
+
+def test_the_cli_says_where_everything_went_and_logs_the_files(store, tmp_path, capsys, monkeypatch):
+    uri, client, ids = store
+    monkeypatch.setenv("COLUMNS", "200")  # rich's table width: one line per row
+    out = tmp_path / "out"
+    assert main(["--uri", uri, "--out", str(out), "--ui", "http://ui.example:5000"]) == 0
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    text = "\n".join(lines)
+    assert "kd report: experiment 'kd'" in lines[0]
+    assert f"store: {uri}" in lines
+    assert f"heatmap: {out / 'heatmap.png'}" in lines and (out / "heatmap.png").is_file()  # T=4 and T=8 of one objective
+    assert "accuracy vs size: skipped (every config has the same size)" in lines  # only g1 has a size
+    assert "not in the statistics: 1 FAILED" in lines
+    assert "training curves: skipped (no val/acc history)" in lines
+    assert f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}; page: {out / 'report.html'}" in lines
+    logged = next(line for line in lines if line.startswith("logged to MLflow run "))
+    report_run = logged.removeprefix("logged to MLflow run ").removesuffix(" (kd.role=report)")
+    assert {a.path for a in client.list_artifacts(report_run, "report")} >= {"report/runs.csv", "report/summary.csv", "report/summary.md", "report/report.html"}
+    assert "test/acc: " in text and "distill.temperature" in text  # the caption names the metric; the differing key is a column
+    assert "http://ui.example:5000" in (out / "report.html").read_text()
+    assert (out / "summary.md").read_text().startswith("| distill.temperature |")
+
+
+def test_the_cli_closes_runs_whose_process_is_gone_before_reporting(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("kd")
+    _student(client, exp, seed=0, acc=0.8)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client.create_run(exp, tags={"kd.role": "student", "kd.host": socket.gethostname(), "kd.pid": str(dead.pid)})
+    assert main(["--uri", uri, "--out", str(tmp_path / "out"), "--no-log"]) == 0
+    text = capsys.readouterr().out
+    assert "closed 1 run(s) whose process is gone: KILLED, the reason in the tag kd.failure" in text
+    assert "not in the statistics: 1 KILLED" in text
