@@ -9,6 +9,7 @@ import hashlib
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -196,3 +197,83 @@ def test_the_cli_closes_runs_whose_process_is_gone_before_reporting(tmp_path, ca
     text = capsys.readouterr().out
     assert "closed 1 run(s) whose process is gone: KILLED, the reason in the tag kd.failure" in text
     assert "not in the statistics: 1 KILLED" in text
+
+
+def test_missing_tags_read_as_unknown_and_groups_keep_their_runs_and_experiment(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("kd")
+    bare = client.create_run(exp, tags={"kd.role": "student"})  # logged by hand: no kd.* tags at all
+    client.log_param(bare.info.run_id, "seed", "0")
+    client.log_metric(bare.info.run_id, "test/acc", 0.5)
+    client.set_terminated(bare.info.run_id)
+    (row,) = load_runs(client, "kd")
+    assert (row["objective"], row["compression"], row["teacher"], row["experiment_id"]) == ("?", "none", "", exp)
+    assert row["group"] == report._legacy_group({}, {"seed": "0"})
+    twin = dict(row, run_id="second")
+    (group,) = summarise([row, twin], "test/acc")
+    assert group["run_ids"] == f"{row['run_id']} second" and group["experiment_id"] == exp and group["teacher"] == ""
+    (alone,) = summarise([{k: v for k, v in row.items() if k not in ("group", "teacher", "experiment_id")}], "test/acc")
+    assert (alone["group"], alone["teacher"], alone["experiment_id"]) == ("", "", "")
+
+
+def test_every_page_of_runs_is_read(monkeypatch):
+    class Page(list):
+        def __init__(self, runs, token):
+            super().__init__(runs)
+            self.token = token
+
+    def run(i):
+        info = SimpleNamespace(run_id=f"r{i}", run_name=f"n{i}", status="FINISHED", experiment_id="1")
+        return SimpleNamespace(info=info, data=SimpleNamespace(params={"seed": str(i)}, tags={"kd.group": "g"}, metrics={"test/acc": 0.5}))
+
+    asked = []
+
+    class Client:
+        def get_experiment_by_name(self, name):
+            return SimpleNamespace(experiment_id="1")
+
+        def search_runs(self, ids, query, view, max_results, order_by, page_token=None):
+            asked.append((page_token, max_results, order_by))
+            return Page([run(0), run(1)], "next") if page_token is None else Page([run(2)], None)
+
+    assert [r["run_id"] for r in load_runs(Client(), "kd")] == ["r0", "r1", "r2"]
+    assert asked == [(None, 1000, ["attributes.start_time ASC"]), ("next", 1000, ["attributes.start_time ASC"])]
+
+
+def test_the_cli_defaults_read_outputs_and_write_the_experiments_report_folder(store, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    uri, client, _ = store
+    (tmp_path / "outputs").mkdir()
+    shutil.copy(uri.removeprefix("sqlite:///"), tmp_path / "outputs" / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["--no-log"]) == 0  # experiment kd, metric test/acc, the store under ./outputs
+    folder = tmp_path / "outputs" / "reports" / "kd"
+    assert (folder / "summary.csv").is_file() and "http://127.0.0.1:5000" in (folder / "report.html").read_text()
+    assert "store: sqlite:///" in capsys.readouterr().out
+
+
+def test_a_running_run_is_left_out_and_said_to_be_alive_or_elsewhere(tmp_path, capsys, monkeypatch):
+    import os
+    import socket
+
+    monkeypatch.setenv("COLUMNS", "200")  # the message on one line
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("kd")
+    _student(client, exp, seed=0, acc=0.8)
+    client.create_run(exp, tags={"kd.role": "student", "kd.host": socket.gethostname(), "kd.pid": str(os.getpid())})  # this process: alive
+    assert main(["--uri", uri, "--out", str(tmp_path / "out"), "--no-log"]) == 0
+    assert "not in the statistics: 1 RUNNING (RUNNING: alive, or on another host, where kd cannot tell)" in capsys.readouterr().out
+
+
+def test_the_help_names_every_option_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("usage: python -m kd.report", "--uri URI tracking URI (default: as a run resolves it)",
+                   "--experiment EXPERIMENT MLflow experiment name (default: kd)", "--sweep SWEEP only runs whose tag kd.sweep equals this",
+                   "--out OUT default: outputs/reports/<experiment>[/sweeps/<sweep>]", "--metric METRIC metric to compare (default: test/acc)",
+                   "--ui UI the MLflow UI report.html links to", "--no-log do not log the files to an MLflow run"):  # fmt: skip
+        assert phrase in text, phrase
