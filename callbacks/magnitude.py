@@ -168,6 +168,15 @@ class MagnitudePruning(PruningCallback):
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
         if t in self._done or t not in self.schedule.times():
             return
+        self._prune(trainer, pl_module, t)
+        self._apply_masks()
+        self._done.append(t)
+        if self.lr_scale != 1.0 and not self._lr_scaled:
+            scale_learning_rate(trainer, self.lr_scale)
+            self._lr_scaled = True
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
+        """Set the keep-masks for event ``t`` (the N:M pruner sets its own)."""
         if self.sensitivity and not self._done:
             self._analyse(trainer, pl_module)
         masks = self.masks()
@@ -183,11 +192,6 @@ class MagnitudePruning(PruningCallback):
             for key, mask in masks.items():
                 target = self.schedule.sparsity_at(t, self.final_sparsity(key.removesuffix(".bias")))
                 mask.copy_(_keep_largest(params[key].detach().flatten(), mask.flatten(), target).view_as(mask))
-        self._apply_masks()
-        self._done.append(t)
-        if self.lr_scale != 1.0 and not self._lr_scaled:
-            scale_learning_rate(trainer, self.lr_scale)
-            self._lr_scaled = True
 
     def _apply_masks(self) -> None:
         if self._targets:

@@ -31,7 +31,6 @@ from callbacks.importance import calibration_gradients
 from callbacks.magnitude import MagnitudePruning
 from callbacks.stage import StageContext, StageResult
 from kd.compression.layers import select_layers
-from kd.train.trainer import scale_learning_rate
 
 IMPORTANCE = ("magnitude", "taylor")
 
@@ -112,28 +111,18 @@ class NMPruning(MagnitudePruning):
                 raise ValueError(f"N:M pruning of {name!r}: its input dimension {width} is not a multiple of prune.m={self.m}; "
                                  f"add it to prune.skip (the first conv of an RGB model has 3)")  # fmt: skip
 
-    @torch.no_grad()
-    def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
-        if t in self._done or t not in self.schedule.times():
-            return
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
         removed = int(self.schedule.sparsity_at(t, self.sparsity) * self.m + 1e-9)  # floor(s_t * M)
         if self.importance == "taylor":
             with torch.enable_grad():
                 calibration_gradients(pl_module.model, trainer.datamodule, self.calibration_batches, squared=False)
-        for key, (module, tensor) in self._targets.items():
-            weight = getattr(module, tensor)
+        for module, tensor in self._targets.values():
+            weight, mask = getattr(module, tensor), getattr(module, f"{tensor}_mask")
             scores = weight.abs() if self.importance == "magnitude" else (weight * weight.grad).abs()
-            mask = getattr(module, f"{tensor}_mask")
             mask.copy_(nm_mask(scores, mask, removed, self.m))
+            check_pattern(weight * mask, self.m - removed, self.m)
         if self.importance == "taylor":
             pl_module.model.zero_grad(set_to_none=True)
-        self._apply_masks()
-        for key, (module, tensor) in self._targets.items():
-            check_pattern(getattr(module, tensor), self.m - removed, self.m)
-        self._done.append(t)
-        if self.lr_scale != 1.0 and not self._lr_scaled:
-            scale_learning_rate(trainer, self.lr_scale)
-            self._lr_scaled = True
 
     def finalize(self, model: nn.Module, context: StageContext) -> StageResult:
         result = super().finalize(model, context)
