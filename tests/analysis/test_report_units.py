@@ -277,3 +277,41 @@ def test_the_help_names_every_option_and_its_default(capsys):
                    "--out OUT default: outputs/reports/<experiment>[/sweeps/<sweep>]", "--metric METRIC metric to compare (default: test/acc)",
                    "--ui UI the MLflow UI report.html links to", "--no-log do not log the files to an MLflow run"):  # fmt: skip
         assert phrase in text, phrase
+
+
+def test_a_sweeps_report_goes_to_its_folder_and_its_own_report_run_and_can_be_redrawn(store, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    uri, _, ids = store
+    monkeypatch.setenv("COLUMNS", "200")
+    (tmp_path / "outputs").mkdir()
+    shutil.copy(uri.removeprefix("sqlite:///"), tmp_path / "outputs" / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for _ in range(2):  # redrawn into the same folder
+        assert main(["--sweep", "/sweeps/a"]) == 0
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    folder = tmp_path / "outputs" / "reports" / "kd" / "sweeps" / "sweeps_a"
+    from kd.analysis.tables import NOTE
+
+    assert (folder / "summary.csv").is_file() and f"test/acc: {NOTE}" in (folder / "summary.md").read_text()
+    assert "heatmap: skipped (no temperature x alpha grid of otherwise equal configs)" in lines  # one group: no grid
+    logged = [line.removeprefix("logged to MLflow run ").removesuffix(" (kd.role=report)") for line in lines if line.startswith("logged to")]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert len(logged) == 2 and logged[0] == logged[1]  # one report run per scope, reused
+    assert client.get_run(logged[0]).data.tags["kd.report_scope"] == "/sweeps/a"
+
+
+def test_every_status_left_out_is_counted(tmp_path, capsys, monkeypatch):
+    import os
+    import socket
+
+    monkeypatch.setenv("COLUMNS", "200")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("kd")
+    _student(client, exp, seed=0, acc=0.8)
+    _student(client, exp, seed=1, acc=0.8, status="FAILED")
+    client.create_run(exp, tags={"kd.role": "student", "kd.host": socket.gethostname(), "kd.pid": str(os.getpid())})
+    assert main(["--uri", uri, "--out", str(tmp_path / "out"), "--no-log"]) == 0
+    assert "not in the statistics: 1 FAILED, 1 RUNNING (RUNNING: alive, or on another host, where kd cannot tell)" in capsys.readouterr().out
