@@ -71,6 +71,23 @@ PARENT_TAG = "mlflow.parentRunId"  # what the UI nests runs by
 PARENT_ENV = "KD_SWEEP_RUN_ID"  # set by the sweep's callback (kd.run.sweep) in the launching process; workers inherit it
 
 
+def _create_store(db: Path) -> None:
+    """Create a new SQLite store atomically: MLflow migrates a file beside it, which replaces
+    ``db`` only once complete. A signal during the migration (it takes about a second) leaves a
+    stray temporary file, never a half-migrated store that every later run would fail on."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=f".{db.name}.", suffix=".creating")
+    os.close(fd)
+    try:
+        Path(tmp).unlink()  # MLflow creates the file itself
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "mlartifacts"))
+        store.engine.dispose()
+        os.replace(tmp, db)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 class Tracker:
     """One MLflow experiment in one store.
 
@@ -97,6 +114,8 @@ class Tracker:
             db = Path(self.uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{db}.lock"):
+                if not db.exists():
+                    _create_store(db)
                 try:
                     return self._get_or_create_experiment(artifact_root)
                 except sqlalchemy.exc.DatabaseError as err:  # not an SQLite file, or a damaged one

@@ -402,3 +402,23 @@ def test_hydra_context_names_the_choices_and_groups_a_sweeps_jobs():
         assert tracking.hydra_context()["tags"] == {"kd.overrides": "(defaults)", "kd.sweep": "/sweeps/x", "kd.job": "4"}
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_a_store_whose_creation_was_interrupted_is_created_again(tmp_path, monkeypatch):
+    import mlflow.store.db.utils as db_utils
+
+    real = db_utils._upgrade_db
+
+    def interrupted(engine):
+        raise KeyboardInterrupt  # Ctrl-C halfway through MLflow's migrations
+
+    monkeypatch.setattr(db_utils, "_upgrade_db", interrupted)
+    db = tmp_path / "outputs" / "mlflow.db"
+    with pytest.raises(KeyboardInterrupt):
+        Tracker(f"sqlite:///{db}", "e")
+    assert not db.exists() and not [p for p in db.parent.iterdir() if p.name.endswith(".creating")]
+    monkeypatch.setattr(db_utils, "_upgrade_db", real)
+    tracker = Tracker(f"sqlite:///{db}", "e")  # the next run: a complete store
+    with tracker.open_run("after", {}) as run_id:
+        pass
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
