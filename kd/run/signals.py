@@ -29,21 +29,42 @@ class Terminated(SystemExit):
         return "SIGTERM"
 
 
+_received: list[int] = []  # the signals that reached the run (see sigterm_ends_the_run)
+
+
 def _raise(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Terminated()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _received.append(signum)
+    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as Python's own handler
 
 
 @contextmanager
 def sigterm_ends_the_run() -> Iterator[None]:
     """Within: SIGTERM raises :class:`Terminated` (open runs close FAILED), and Lightning's
-    ``SIGTERMException`` becomes one (status 143)."""
+    ``SIGTERMException`` becomes one (status 143).
+
+    A signal's exception is raised wherever the main thread is, and Python drops one raised inside
+    a finalizer or a weakref callback ("Exception ignored in ..."): the signal test caught Ctrl-C
+    landing in SQLAlchemy's garbage-collection hook while MLflow created its store, and the run
+    carried on and exited 0. So the handlers also record the signal, and a block that completes
+    after one was received re-raises it at its end: the work done is kept (its runs may be
+    FINISHED), the exit status says it was interrupted."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous, previous_int = signal.signal(signal.SIGTERM, _raise), signal.signal(signal.SIGINT, _interrupt)
+    del _received[:]
     try:
         yield
     except SIGTERMException as err:
         raise Terminated() from err
+    else:
+        if _received:  # a signal whose exception something swallowed
+            raise Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

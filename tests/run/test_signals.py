@@ -142,3 +142,18 @@ def test_runs_whose_process_is_gone_are_closed_killed_by_the_next_run_and_the_re
     another = client.create_run(experiment, run_name="dead2", tags=runs["dead"]).info.run_id
     assert main(["--uri", uri, "--experiment", "kd", "--out", str(tmp_path / "report"), "--no-log"]) == 2  # nothing FINISHED
     assert client.get_run(another).info.status == "KILLED"  # the report closed it too
+
+
+@pytest.mark.parametrize(("sig", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_signal_whose_exception_was_swallowed_is_raised_when_the_run_ends(sig, raised):
+    from kd.run.signals import sigterm_ends_the_run
+
+    with pytest.raises(raised):
+        with sigterm_ends_the_run():
+            try:  # what Python does to an exception raised inside a finalizer: drops it
+                os.kill(os.getpid(), sig)
+                time.sleep(1)
+            except BaseException:
+                pass
+    with sigterm_ends_the_run():  # a later run starts clean
+        pass
