@@ -51,24 +51,32 @@ def _fx():  # imported lazily: the module emits deprecation warnings at import
 
 
 def qconfig_mapping(observer: str, per_channel: bool, backend: str, qat: bool, bits: int = 8,
-                    activation_bits: int | None = None) -> QConfigMapping:  # fmt: skip
+                    activation_bits: int | None = None, layer_bits: dict[str, int] | None = None) -> QConfigMapping:  # fmt: skip
     """The backend's default mapping (fixed-range ops keep their settings) with our global QConfig;
     ``bits`` < 8 narrows the weights' integer range, ``activation_bits`` (default: ``bits``) the
-    activations' (fake-quant only: simulated low-bit training)."""
+    activations' (fake-quant only: simulated low-bit training); ``layer_bits`` (mixed precision:
+    module name -> weight bits) overrides the weights' width layer by layer."""
     act_max = 2 ** (activation_bits or bits) - 1  # full-range activations on every backend: see the module docstring
-    w_min, w_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    per_channel_w = dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=w_min, quant_max=w_max)
-    per_tensor_w = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=w_min, quant_max=w_max)
+
+    def weight(width: int) -> Any:
+        w_min, w_max = -(2 ** (width - 1)), 2 ** (width - 1) - 1
+        scheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+        args = dict(dtype=torch.qint8, qscheme=scheme, quant_min=w_min, quant_max=w_max)
+        if qat:
+            w_observer = obs.MovingAveragePerChannelMinMaxObserver if per_channel else obs.MovingAverageMinMaxObserver
+            return fq.FakeQuantize.with_args(observer=w_observer, **args)
+        return (obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver).with_args(**args)
+
     if qat:
         activation = fq.FakeQuantize.with_args(observer=obs.MovingAverageMinMaxObserver, dtype=torch.quint8, quant_min=0, quant_max=act_max)
-        w_observer = obs.MovingAveragePerChannelMinMaxObserver if per_channel else obs.MovingAverageMinMaxObserver
-        weight = fq.FakeQuantize.with_args(observer=w_observer, **(per_channel_w if per_channel else per_tensor_w))
         base = get_default_qat_qconfig_mapping(backend)
     else:
         activation = OBSERVERS[observer].with_args(dtype=torch.quint8, quant_min=0, quant_max=act_max)
-        weight = (obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver).with_args(**(per_channel_w if per_channel else per_tensor_w))
         base = get_default_qconfig_mapping(backend)
-    return base.set_global(QConfig(activation=activation, weight=weight))
+    mapping = base.set_global(QConfig(activation=activation, weight=weight(bits)))
+    for name, width in (layer_bits or {}).items():
+        mapping.set_module_name(name, QConfig(activation=activation, weight=weight(width)))
+    return mapping
 
 
 def quantize_model(model: nn.Module, recipe: dict[str, Any], batches: list[torch.Tensor]) -> nn.Module:
@@ -93,7 +101,7 @@ def prepare_for_qat(model: nn.Module, recipe: dict[str, Any], example: torch.Ten
     torch.backends.quantized.engine = recipe["backend"]
     bits = recipe.get("bits", 8)
     mapping = qconfig_mapping("moving_average", recipe["per_channel"], recipe["backend"], qat=True, bits=bits,
-                              activation_bits=recipe.get("activation_bits", bits))  # fmt: skip
+                              activation_bits=recipe.get("activation_bits", bits), layer_bits=recipe.get("layer_bits"))  # fmt: skip
     return _fx().prepare_qat_fx(model.train(), mapping, example_inputs=(example,))
 
 

@@ -133,14 +133,23 @@ def quantization_config(recipe: dict[str, Any], qat: bool) -> QuantizationConfig
 
 
 def quantizer(recipe: dict[str, Any], qat: bool):
+    """The backend's quantizer with kd's configuration; ``recipe["layer_bits"]`` (mixed precision:
+    module name -> weight bits) overrides the weights' width layer by layer."""
     config = quantization_config(recipe, qat)
+    layers = {name: quantization_config(recipe | {"bits": bits}, qat) for name, bits in recipe.get("layer_bits", {}).items()}
     if recipe["backend"] == "xnnpack":
         from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer  # torchao keeps it for tests; ExecuTorch has its own
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="XNNPACKQuantizer is deprecated")
-            return XNNPACKQuantizer().set_global(config)
-    return X86InductorQuantizer().set_global(config)
+            chosen = XNNPACKQuantizer().set_global(config)
+        for name, layer in layers.items():
+            chosen.set_module_name(name, layer)
+        return chosen
+    chosen = X86InductorQuantizer().set_global(config)
+    for name, layer in layers.items():
+        chosen.set_module_name_qconfig(name, layer)
+    return chosen
 
 
 def _quiet(call, *args):

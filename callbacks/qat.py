@@ -6,6 +6,7 @@ contract, the traps it handles and the FX flow: ``callbacks/quantization.py``.""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,7 +14,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from kd.data import calibration_batches
+from kd.compression import mixed_precision as mp
+from kd.compression.layers import select_layers
+from kd.data import calibration_batches, labelled_batches
 from callbacks.qat_features import qat_feature_aliases
 from callbacks.quantization import QuantizationCallback
 from callbacks.stage import THINNING, StageContext, StageResult
@@ -35,7 +38,17 @@ class QuantizationAwareTraining(QuantizationCallback):
         bits: width of the weights, 2..8.
         activation_bits: width of the activations, 2..8 (None: as ``bits``). ``bits=4,
             activation_bits=8`` is the whitepaper's 4-bit-weights setting (Krishnamoorthi 2018).
-        finetune_epochs, lr_scale: the fine-tuning phase after structured pruning (unused otherwise).
+        finetune_epochs, lr_scale: the fine-tuning phase after structured pruning or with a
+            budget (unused otherwise).
+        budget_bits: mixed precision (``kd/compression/mixed_precision.py``): the average weight
+            bits of the conv and linear layers, 2..8; each layer's width is chosen from
+            ``bit_choices`` by ``sensitivity`` on the trained float student, which then
+            fine-tunes at those widths (``finetune_epochs`` at ``lr_scale``). None: every layer
+            at ``bits``.
+        bit_choices: the widths a layer may get.
+        sensitivity: ``measured`` (validation loss increase of each layer quantized alone) or
+            ``hessian`` (HAWQ-v2: Hutchinson estimate of the Hessian trace times the quantization
+            error), over ``sensitivity_batches`` training batches.
         engine: ``auto`` (PT2E, or FX for distillation-aware QAT and QAT with unstructured
             pruning: ``callbacks/quant_engine.py``), ``pt2e`` or ``fx``.
     """
@@ -47,8 +60,24 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def __init__(self, per_channel: bool = True, backend: str = "auto", freeze_observers_epoch: int | None = None,
                  freeze_bn_epoch: int | None = None, bits: int = 8, activation_bits: int | None = None,
-                 finetune_epochs: int = 2, lr_scale: float = 0.1, engine: str = "auto") -> None:  # fmt: skip
+                 finetune_epochs: int = 2, lr_scale: float = 0.1, engine: str = "auto", budget_bits: float | None = None,
+                 bit_choices: tuple[int, ...] = mp.CANDIDATES, sensitivity: str = "measured", sensitivity_batches: int = 4) -> None:  # fmt: skip
         super().__init__(backend, per_channel, engine)
+        self.budget_bits, self.layer_bits = budget_bits, None  # layer_bits: chosen when the float student has trained
+        if budget_bits is not None:
+            self.bit_choices = mp.check_budget(budget_bits, list(bit_choices))
+            if bits != 8:
+                raise ValueError(f"quantize.bits={bits} is one width for every layer; with quantize.budget_bits each layer's "
+                                 "width is chosen from quantize.bit_choices: leave quantize.bits at 8")  # fmt: skip
+            if sensitivity not in mp.SENSITIVITIES:
+                raise ValueError(f"quantize.sensitivity must be one of {mp.SENSITIVITIES}, got {sensitivity!r}")
+            if sensitivity_batches < 1:
+                raise ValueError(f"quantize.sensitivity_batches must be >= 1, got {sensitivity_batches}")
+            activation_bits = 8 if activation_bits is None else activation_bits  # the budget is the weights'
+        self.sensitivity, self.sensitivity_batches = sensitivity, sensitivity_batches
+        self.costs: dict[str, dict[int, float]] = {}
+        self.layer_params: dict[str, int] = {}
+        self._coded: float | None = None
         if finetune_epochs < 1 or lr_scale <= 0:
             raise ValueError(f"quantize.finetune_epochs must be >= 1 and quantize.lr_scale > 0, got {finetune_epochs}, {lr_scale}")
         self.finetune_epochs, self.lr_scale = finetune_epochs, lr_scale
@@ -68,20 +97,39 @@ class QuantizationAwareTraining(QuantizationCallback):
     def converts(self) -> bool:
         """Only 8-bit training converts to int8 kernels: an int8 model of a 4-bit fake-quant
         model would not clamp to 4 bits, so lower widths are evaluated as the fake-quant model."""
-        return self.bits == 8 and self.activation_bits == 8
+        return self.bits == 8 and self.activation_bits == 8 and all(b == 8 for b in (self.layer_bits or {}).values())
+
+    @property
+    def mixed(self) -> bool:
+        return self.budget_bits is not None
 
     def recipe(self) -> dict[str, Any]:
-        return super().recipe() | {"bits": self.bits, "activation_bits": self.activation_bits}
+        extra = {"layer_bits": dict(self.layer_bits), "budget_bits": self.budget_bits} if self.layer_bits is not None else {}
+        return super().recipe() | {"bits": self.bits, "activation_bits": self.activation_bits} | extra
 
     def extra_metrics(self, model: nn.Module) -> dict[str, float]:
-        return {"quant/activation_bits": float(self.activation_bits)}
+        metrics = {"quant/activation_bits": float(self.activation_bits)}
+        if self.layer_bits is not None:
+            average = mp.average_bits(self.layer_bits, self.layer_params)
+            metrics |= {"quant/bits": average, "quant/budget_bits": float(self.budget_bits), "quant/weight_bits_avg": average}
+            metrics |= {f"quant/layer_bits/{name}": float(b) for name, b in self.layer_bits.items()}
+        return metrics
+
+    def coded_bytes(self, model: nn.Module) -> float | None:
+        return self._coded
 
     def describe(self) -> str:
+        if self.mixed:
+            return f"mixed w{self.budget_bits:g}a{self.activation_bits} qat ({self.sensitivity})"
         width = f"int{self.bits}" if self.bits == self.activation_bits else f"w{self.bits}a{self.activation_bits}"
         return f"{width} qat" + ("" if self.converts else " (simulated)")
 
     def check_with(self, objective: Any, pruner: Any, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
         self.after_thinning = pruner is not None and pruner.kind in THINNING
+        if self.mixed and pruner is not None and not self.after_thinning:
+            raise ValueError(f"quantize.budget_bits with prune={pruner.kind} is not supported: the widths are chosen after training "
+                             "and QAT then fine-tunes without the pruner, which would let the pruned weights grow back; "
+                             "use prune=structured, or quantize the pruned student in a second run (student.init_checkpoint)")  # fmt: skip
         if input_shape is not None and objective is not None and objective.needs_features:  # distillation-aware QAT
             example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
             qat_feature_aliases(model, self.flow().prepare_for_qat(copy.deepcopy(model), self.recipe(), example), objective)
@@ -126,16 +174,62 @@ class QuantizationAwareTraining(QuantizationCallback):
         # training is over: the ranges are final, and no later forward pass may move them
         pl_module.model.apply(self.flow().disable_observer)
 
+    @property
+    def finetunes(self) -> bool:
+        """QAT is a fine-tuning phase after the float training: after thinning, or with a budget
+        (the widths are chosen on the trained float student)."""
+        return self.after_thinning or self.mixed
+
     def callbacks(self) -> list[Callback]:
-        return [] if self.after_thinning else [self]  # after thinning: in finalize's fine-tuning phase
+        return [] if self.finetunes else [self]  # then: in finalize's fine-tuning phase
 
     def selectable(self, epoch: int) -> bool:
-        return self.after_thinning or super().selectable(epoch)
+        return self.finetunes or super().selectable(epoch)
+
+    def choose_widths(self, model: nn.Module, data: Any) -> dict[str, int]:
+        """Each conv and linear layer's weight width under the budget, by this callback's
+        sensitivity estimate on ``model`` (the trained float student); sets :attr:`costs` and the
+        coded size."""
+        layers = select_layers(model, None, ())
+        self.layer_params = {name: m.weight.numel() for name, m in layers.items()}
+        narrow, device = self.backend == "xnnpack", next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        if self.sensitivity == "measured":
+            x, y = data.val.x, data.val.y
+
+            @torch.no_grad()
+            def loss(m: nn.Module) -> float:
+                total = sum(float(nn.functional.cross_entropy(m(xb.to(device)), yb.to(device), reduction="sum"))
+                            for xb, yb in zip(x.split(1024), y.split(1024)))  # fmt: skip
+                return total / len(y)
+
+            self.costs = mp.measured_sensitivity(model, layers, loss, self.bit_choices, narrow)
+        else:
+            batches = [(xb.to(device), yb.to(device)) for xb, yb in labelled_batches(data, self.sensitivity_batches)]
+            traces = mp.hessian_traces(model, layers, lambda m, xb, yb: nn.functional.cross_entropy(m(xb), yb), batches)
+            self.costs = mp.hessian_sensitivity(layers, traces, self.bit_choices, narrow)
+        model.train(was_training)
+        bits = mp.choose_bits(self.costs, self.layer_params, float(self.budget_bits))
+        quantized = {id(m.weight) for m in layers.values()}
+        others = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+        scales = sum(m.weight.shape[0] for m in layers.values())  # one 32-bit scale per output channel
+        self._coded = (sum(self.layer_params[n] * b for n, b in bits.items()) + 32 * (others + scales)) / 8
+        return bits
+
+    def artifacts(self, run_dir: Path) -> list[Path]:
+        if self.layer_bits is None:
+            return []
+        table = mp.write_table(run_dir / "mixed_precision.csv", self.layer_bits, self.layer_params, self.costs)
+        figure = mp.plot(run_dir / "mixed_precision.png", self.layer_bits, self.layer_params, float(self.budget_bits), self.sensitivity)
+        return [table, figure]
 
     def finalize(self, model: nn.Module, context: StageContext) -> StageResult:
-        if not self.after_thinning:
+        if not self.finetunes:
             return super().finalize(model, context)
         assert context.finetune is not None and context.test_accuracy is not None
+        if self.mixed:
+            self.layer_bits = self.choose_widths(model, context.data)
         prepared = context.finetune(self.finetune_epochs, self.lr_scale, [self])  # setup() prepares the thinned model
         result = super().finalize(prepared, context)
         result.test_acc = context.test_accuracy(prepared)  # the fake-quant model replaces the tested float one

@@ -1,7 +1,7 @@
 """Data: in-memory DataModules for the small datasets, offline sources first."""
 
 from kd.data.base import DataNotFoundError, Split, TensorDataModule
-from kd.data.batches import EpochBatches, EpochShuffleSampler, EvalShardSampler, IndexedTensorDataset, calibration_batches, random_crop_flip
+from kd.data.batches import EpochBatches, EpochShuffleSampler, EvalShardSampler, IndexedTensorDataset, calibration_batches, labelled_batches, random_crop_flip
 from kd.data.idx import read_idx
 from kd.data.sources import (
     CIFAR10DataModule,
@@ -23,6 +23,7 @@ __all__ = [
     "EvalShardSampler",
     "FashionMNISTDataModule",
     "IndexedTensorDataset",
+    "labelled_batches",
     "MNISTDataModule",
     "Split",
     "TensorDataModule",

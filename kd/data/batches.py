@@ -136,5 +136,11 @@ def calibration_batches(data: object, n: int) -> list[Tensor]:
     """The first ``n`` batches of a fixed shuffle of ``data``'s training split (``data.train.x``,
     ``data.batch_size``): what quantizers calibrate on and the ONNX int8 export too, the same on
     every rank and in every run."""
+    return [x for x, _ in labelled_batches(data, n)]
+
+
+def labelled_batches(data: object, n: int) -> list[tuple[Tensor, Tensor]]:
+    """:func:`calibration_batches` with their labels (a Hessian estimate needs the loss)."""
     order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
-    return [data.train.x[chunk] for chunk in order[: n * data.batch_size].split(data.batch_size)]  # type: ignore[attr-defined]
+    chunks = order[: n * data.batch_size].split(data.batch_size)  # type: ignore[attr-defined]
+    return [(data.train.x[chunk], data.train.y[chunk]) for chunk in chunks]  # type: ignore[attr-defined]

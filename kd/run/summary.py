@@ -94,6 +94,10 @@ def print_summary(
     if "quant/bits" in metrics:
         acts = int(metrics.get("quant/activation_bits", metrics["quant/bits"]))
         width = f"{int(metrics['quant/bits'])}-bit" + (f" weights, {acts}-bit activations" if acts != metrics["quant/bits"] else "")
+        if "quant/budget_bits" in metrics:  # mixed precision: widths per layer
+            chosen = sorted({int(v) for k, v in metrics.items() if k.startswith("quant/layer_bits/")})
+            width = (f"mixed {'/'.join(map(str, chosen))}-bit weights (average {metrics['quant/weight_bits_avg']:.2f} bits, budget "
+                     f"{metrics['quant/budget_bits']:g}; per layer: mixed_precision.csv), {acts}-bit activations")  # fmt: skip
         console.print(f"{width} (simulated): the test accuracy above is the float model holding "
                       "the quantized values (fake-quant); no integer kernels exist for this recipe, so no integer model was made"
                       + (f"; {metrics['quant/coded_reduction']:.1f}x smaller in its compact encoding" if "quant/coded_reduction" in metrics else ""))  # fmt: skip
