@@ -46,7 +46,7 @@ def _checked(kind: str, reference: nn.Module, path: Path, data: TensorDataModule
 
 
 def export_student(
-    model: nn.Module, int8: nn.Module | None, int8_engine: str | None, data: TensorDataModule, measurement: Measurement,
+    model: nn.Module | None, int8: nn.Module | None, int8_engine: str | None, data: TensorDataModule, measurement: Measurement,
     run_dir: Path, metrics: dict[str, float],
 ) -> tuple[dict[str, float], dict[str, str], list[Path]]:  # fmt: skip
     """Export and check the float ``model`` and the ``int8`` one (made by ``int8_engine``);
@@ -56,7 +56,7 @@ def export_student(
     found: dict[str, float] = {}
     tags: dict[str, str] = {}
     float_path: Path | None = None
-    if any("FakeQuantize" in type(m).__name__ for m in model.modules()):
+    if model is None or any("FakeQuantize" in type(m).__name__ for m in model.modules()):
         tags["kd.export_float"] = "not exported: the student is QAT's fake-quant graph (its int8 model is the deployable form)"
     else:
         try:
@@ -173,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
 
             engine = torch.load(folder / "student_int8.pt", map_location="cpu", weights_only=True)[RECIPE_KEY].get("engine", "fx")
             int8 = load_quantized(build(), folder / "student_int8.pt", data.input_shape)
-        if model is None:
-            print(f"kd.export: nothing to export from {args.source}: its student.pt does not fit the architecture of its config", file=sys.stderr)
+        if model is None and int8 is None:
+            import torch
+
+            recipe = torch.load(folder / "student.pt", map_location="cpu", weights_only=True).get(RECIPE_KEY) or {}
+            why = ("it is a QAT run below 8 bits, whose student.pt is its fake-quant graph (no integer kernels exist for those "
+                   "widths, so no int8 model was made)" if recipe.get("mode") == "qat" else
+                   "its student.pt does not fit the architecture of its config")  # fmt: skip
+            print(f"kd.export: nothing to export from {args.source}: {why}", file=sys.stderr)
             return 2
         out = args.out or (Path(args.source) if run_id is None else Path("exports") / run_id)
         out.mkdir(parents=True, exist_ok=True)
