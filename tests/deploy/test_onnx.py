@@ -148,6 +148,21 @@ def test_a_qat_run_exports_its_int8_model_and_says_why_not_the_fake_quant_graph(
                   if r.data.tags.get("kd.role") == "student"]  # fmt: skip
     assert student.info.status == "FINISHED"
     assert student.data.tags["kd.export_float"].startswith("not exported: the student is QAT's fake-quant graph")
+    folder = Path(cfg.paths.run_dir)  # the CLI on the finished run: the int8 model alone
+    (folder / "model_int8.onnx").unlink()
+    (folder / "config.yaml").write_text(__import__("omegaconf").OmegaConf.to_yaml(cfg))
+    assert run_export.main([str(folder), "--latency", "false"]) == 0
+    assert (folder / "model_int8.onnx").is_file() and not (folder / "model.onnx").exists()
+
+
+def test_the_cli_says_why_a_qat_run_below_8_bits_has_nothing_to_export(make_cfg, capsys):
+    cfg = make_cfg("distill=none", "model@student.model=lenet5", "quantize=qat", "quantize.bits=4", "trainer.max_epochs=1")
+    run(cfg)
+    folder = Path(cfg.paths.run_dir)
+    (folder / "config.yaml").write_text(__import__("omegaconf").OmegaConf.to_yaml(cfg))
+    capsys.readouterr()
+    assert run_export.main([str(folder), "--latency", "false"]) == 2
+    assert "it is a QAT run below 8 bits, whose student.pt is its fake-quant graph" in capsys.readouterr().err
 
 
 def test_an_exporter_failure_is_tagged_and_the_run_goes_on(trained, tmp_path, monkeypatch):
