@@ -168,9 +168,10 @@ def test_each_layer_of_the_fake_quant_graph_trains_at_its_own_width(engine):
     assert activations == {(0, 255)}
 
 
-def test_a_run_with_a_budget_reports_its_widths_and_trains_at_them(make_cfg):
+@pytest.mark.parametrize("sensitivity", ["measured", "hessian"])
+def test_a_run_with_a_budget_reports_its_widths_and_trains_at_them(make_cfg, sensitivity):
     cfg = make_cfg("distill=none", "model@student.model=lenet5", "quantize=qat", "quantize.budget_bits=3.5", "trainer.max_epochs=2",
-                   "quantize.finetune_epochs=1")  # fmt: skip
+                   "quantize.finetune_epochs=1", f"quantize.sensitivity={sensitivity}")  # fmt: skip
     metrics = run(cfg)
     widths = {k.rsplit("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("quant/layer_bits/")}
     assert set(widths) == {"conv1", "conv2", "fc1", "fc2", "fc3"} and set(widths.values()) <= set(mp.CANDIDATES)
