@@ -4,11 +4,16 @@
 The best run is chosen by a *validation* metric by default (model selection never looks at the
 test set); its ``student.pt`` becomes a new version of the registered model, tagged with its
 accuracy and compression measurements, the run it came from, and the command that reproduces it.
+A run exported to ONNX (``export=onnx``) registers as an MLflow ONNX model instead: its int8 (or
+else float) ``.onnx`` with the input and output signature, loadable with ``mlflow.pyfunc`` or
+``mlflow.onnx``, with ``student.pt`` and the other ``.onnx`` inside (the run's artifact folder
+``registered_model/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,23 @@ TAGS = (keys.TEST_ACC, keys.VAL_ACC_BEST,
         keys.COMPRESSION_RATIO, keys.key(keys.PRUNE, "param_reduction"), keys.key(keys.PRUNE, "nonzero_reduction"))  # fmt: skip
 
 
+ONNX_FILES = ("model_int8.onnx", "model.onnx")  # kd.export's files, the deployable one first
+PACKAGE = "registered_model"  # the run's artifact folder that a version with an ONNX export points at
+
+
+def _package(client: MlflowClient, run_id: str, onnx_files: list[str]) -> str:
+    """Log the run's first ONNX file as an MLflow model (onnx and pyfunc flavors, input and output
+    signature) with ``student.pt`` and the other ONNX file inside, under the run's
+    :data:`PACKAGE` artifact folder; returns that folder."""
+    from kd.deploy.onnx import save_mlflow_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(client.download_artifacts(run_id, f, tmp)) for f in (*onnx_files, "student.pt")]
+        save_mlflow_model(files[0], Path(tmp) / PACKAGE, files[1:])
+        client.log_artifacts(run_id, str(Path(tmp) / PACKAGE), PACKAGE)
+    return PACKAGE
+
+
 def best_run(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> dict[str, Any]:
     """The FINISHED row with the best ``metric`` (``mode`` max or min); ties go to the oldest."""
     finished = [r for r in rows if r["status"] == "FINISHED" and r.get(metric) is not None]
@@ -38,12 +60,14 @@ def best_run(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> dict
 def register_best(
     client: MlflowClient, experiment: str, name: str, metric: str = "val/acc_best", mode: str = "max", sweep: str | None = None
 ) -> ModelVersion:
-    """Register ``student.pt`` of the best run as a new version of model ``name``."""
+    """Register the best run as a new version of model ``name``: its ``student.pt``, or its ONNX
+    export as an MLflow model (:func:`_package`) when it has one."""
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     best = best_run(load_runs(client, experiment, sweep, metric), metric, mode)
     run = client.get_run(best["run_id"])
-    if "student.pt" not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if "student.pt" not in logged:
         raise LookupError(f"run {run.info.run_id} has no student.pt artifact to register")
     metrics = run.data.metrics
     tags = {key: f"{metrics[key]:.6g}" for key in TAGS if key in metrics}
@@ -55,12 +79,17 @@ def register_best(
         "kd.compression": run.data.tags.get("kd.compression", "none"),
         "kd.command": f"python run.py {overrides}".strip() if overrides != "(defaults)" else "python run.py",
     }
+    source = f"{run.info.artifact_uri}/student.pt"
+    onnx_files = [f for f in ONNX_FILES if f in logged]
+    if onnx_files:  # the run was exported: the version is an MLflow ONNX model with its signature
+        source = f"{run.info.artifact_uri}/{_package(client, run.info.run_id, onnx_files)}"
+        tags["kd.onnx"] = f"{onnx_files[0]} (inside too: {', '.join(['student.pt', *onnx_files[1:]])})"
     try:
         client.get_registered_model(name)
     except Exception:  # mlflow raises RestException / MlflowException for a missing name
         client.create_registered_model(name, description=f"kd students registered from experiment '{experiment}'")
     return client.create_model_version(
-        name, source=f"{run.info.artifact_uri}/student.pt", run_id=run.info.run_id, tags=tags,
+        name, source=source, run_id=run.info.run_id, tags=tags,
         description=f"best of '{experiment}'" + (f", sweep {sweep}" if sweep else "") + f" by {metric} ({mode})",
     )  # fmt: skip
 
@@ -84,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd.analysis.registry: {err} (experiment '{args.experiment}' in {uri})")
         return 2
     print(f"registered {args.name} version {version.version} from run {version.run_id}: {version.tags.get('kd.selected_by')}")
+    if "kd.onnx" in version.tags:
+        print(f"as an MLflow ONNX model: {version.tags['kd.onnx']}; load it with mlflow.pyfunc.load_model('models:/{args.name}/{version.version}')")
     print(f"reproduce: {version.tags.get('kd.command')}")
     return 0
 

@@ -43,3 +43,27 @@ def test_the_best_student_is_registered_with_its_measurements_and_command(make_c
     MLP(num_classes=10, input_shape=(1, 8, 8), hidden=[32]).load_state_dict(torch.load(local, weights_only=True))
     assert "registered digits-student version 1" in capsys.readouterr().out
     assert main(["--uri", uri, "--experiment", "nope", "--name", "x"]) == 2  # nothing to register: a message, exit 2
+
+
+def test_an_exported_student_registers_as_an_onnx_model_with_its_signature_that_predicts_like_the_student(make_cfg, tmp_path, capsys):
+    import mlflow.pyfunc
+    import numpy as np
+
+    cfg = make_cfg("distill=none", "trainer.max_epochs=1", "export=onnx", f"paths.run_dir={tmp_path / 'run'}")
+    run(cfg)
+    uri = resolve_uri(cfg.tracking.uri, Path(cfg.paths.output_root))
+    assert main(["--uri", uri, "--experiment", "kd", "--name", "digits-onnx"]) == 0
+    assert "as an MLflow ONNX model: model.onnx (inside too: student.pt)" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    (version,) = client.search_model_versions("name='digits-onnx'")
+    assert version.source.endswith("/registered_model")
+    info = mlflow.models.get_model_info(f"models:/digits-onnx/{version.version}")
+    (inputs,), (outputs,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert (inputs.name, inputs.shape, outputs.shape) == ("x", (-1, 1, 8, 8), (-1, 10))
+    student = MLP(num_classes=10, input_shape=(1, 8, 8), hidden=[32])
+    student.load_state_dict(torch.load(client.download_artifacts(version.run_id, "student.pt", str(tmp_path)), weights_only=True))
+    x = torch.randn(7, 1, 8, 8)
+    predicted = mlflow.pyfunc.load_model(f"models:/digits-onnx/{version.version}").predict(x.numpy())["logits"]
+    np.testing.assert_allclose(predicted, student.eval()(x).detach().numpy(), atol=1e-5)
+    inside = client.download_artifacts(version.run_id, "registered_model/extra_files/student.pt", str(tmp_path / "inside"))
+    assert torch.load(inside, weights_only=True).keys() == student.state_dict().keys()
