@@ -13,9 +13,13 @@ else float) ``.onnx`` with the input and output signature, loadable with ``mlflo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
@@ -31,6 +35,35 @@ TAGS = (keys.TEST_ACC, keys.VAL_ACC_BEST,
         keys.COMPRESSION_RATIO, keys.key(keys.PRUNE, "param_reduction"), keys.key(keys.PRUNE, "nonzero_reduction"))  # fmt: skip
 
 
+def signature(path: str | Path):
+    """The MLflow signature of the ONNX file at ``path``: float32 tensors of its input and output
+    shapes, the batch dimension (dynamic in kd.export's files) left open as -1."""
+    import onnx
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def spec(value) -> TensorSpec:
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+        return TensorSpec(np.dtype(np.float32), dims, value.name)
+
+    return ModelSignature(Schema([spec(v) for v in graph.input]), Schema([spec(v) for v in graph.output]))
+
+
+def save_mlflow_model(path: str | Path, folder: str | Path, extra_files: list[Path] = ()) -> Path:
+    """``folder`` as an MLflow model of the ONNX file at ``path`` (onnx flavor and pyfunc, so
+    ``mlflow.pyfunc.load_model`` predicts with onnxruntime) with :func:`signature`; ``extra_files``
+    (the torch state dict, the other export) travel inside it."""
+    import mlflow.onnx
+    import onnx
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        mlflow.onnx.save_model(onnx.load(str(path)), str(folder), signature=signature(path), extra_files=[str(f) for f in extra_files],
+                               save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])  # fmt: skip
+    return Path(folder)
+
+
 ONNX_FILES = ("model_int8.onnx", "model.onnx")  # kd.export's files, the deployable one first
 PACKAGE = "registered_model"  # the run's artifact folder that a version with an ONNX export points at
 
@@ -39,8 +72,6 @@ def _package(client: MlflowClient, run_id: str, onnx_files: list[str]) -> str:
     """Log the run's first ONNX file as an MLflow model (onnx and pyfunc flavors, input and output
     signature) with ``student.pt`` and the other ONNX file inside, under the run's
     :data:`PACKAGE` artifact folder; returns that folder."""
-    from kd.deploy.onnx import save_mlflow_model
-
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(client.download_artifacts(run_id, f, tmp)) for f in (*onnx_files, "student.pt")]
         save_mlflow_model(files[0], Path(tmp) / PACKAGE, files[1:])

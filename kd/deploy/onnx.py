@@ -122,31 +122,3 @@ def quantize_static(float_path: str | Path, path: str | Path, batches: list[torc
     prepared.unlink(missing_ok=True)
     return path
 
-
-def signature(path: str | Path):
-    """The MLflow signature of the ONNX file at ``path``: float32 tensors of its input and output
-    shapes, the batch dimension (named by :func:`export`) left open as -1."""
-    import onnx
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-
-    def spec(value) -> TensorSpec:
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
-        return TensorSpec(np.dtype(np.float32), dims, value.name)
-
-    return ModelSignature(Schema([spec(v) for v in graph.input]), Schema([spec(v) for v in graph.output]))
-
-
-def save_mlflow_model(path: str | Path, folder: str | Path, extra_files: list[Path] = ()) -> Path:
-    """``folder`` as an MLflow model of the ONNX file at ``path`` (onnx flavor and pyfunc, so
-    ``mlflow.pyfunc.load_model`` predicts with onnxruntime) with :func:`signature`; ``extra_files``
-    (the torch state dict, the other export) travel inside it."""
-    import mlflow.onnx
-    import onnx
-
-    with _quiet():
-        mlflow.onnx.save_model(onnx.load(str(path)), str(folder), signature=signature(path), extra_files=[str(f) for f in extra_files],
-                               save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])  # fmt: skip
-    return Path(folder)
