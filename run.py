@@ -4,21 +4,25 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import kd  # noqa: F401  (light: registers kd's config resolvers, so `--cfg job --resolve` works; telemetry off)
 from kd.run.typos import typo_hints
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> Any:
     from kd.run.experiment import run  # imported here so `--help` and `--cfg` stay fast
+    from kd.run.config import job_result
 
-    result = run(cfg)[cfg.optimized_metric]
+    sweeper = HydraConfig.get().sweeper
+    result = job_result(run(cfg), OmegaConf.to_object(cfg.optimized_metric) if OmegaConf.is_list(cfg.optimized_metric)
+                        else cfg.optimized_metric, sweeper.get("budget"))  # fmt: skip
     _single_run_done.append(HydraConfig.get().mode == RunMode.RUN)
     return result
 

@@ -52,10 +52,12 @@ class PackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from kd.run.pack import Job, NotPackable, alone_reason, pack_key, run_pack  # torch and Lightning only when a sweep runs
+        from kd.run.config import job_result
         from kd.tracking.tracker import hydra_context
 
         setup_globals()
         assert self.config is not None and self.task_function is not None
+        budget = self.config.hydra.sweeper.get("budget")  # what a search's sweeper reads besides the objectives
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = [self._job_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
@@ -104,7 +106,7 @@ class PackedLauncher(Launcher):
                 if isinstance(result, BaseException):
                     ret.status, ret.return_value = JobStatus.FAILED, result
                 else:
-                    ret.status, ret.return_value = JobStatus.COMPLETED, result[job.cfg.optimized_metric]
+                    ret.status, ret.return_value = JobStatus.COMPLETED, job_result(result, job.cfg.optimized_metric, budget)
                 returns[i] = ret
         for i in alone:
             returns[i] = self._run(configs[i], self.task_function)

@@ -8,6 +8,8 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -28,8 +30,18 @@ def _launch_id() -> str:
     return os.environ.setdefault("KD_LAUNCH_ID", str(os.getpid()))
 
 
+def _layers(width: int, depth: int) -> list[int]:
+    """``${kd.layers:${search.width},${search.depth}}``: ``depth`` hidden layers of ``width``
+    units (a searched MLP's ``hidden``)."""
+    width, depth = int(width), int(depth)
+    if width < 1 or depth < 1:
+        raise ValueError(f"kd.layers needs a width and a depth >= 1, got {width}, {depth}")
+    return [width] * depth
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("kd.epoch", _epoch, replace=True)
+    OmegaConf.register_new_resolver("kd.layers", _layers, replace=True)
     OmegaConf.register_new_resolver("kd.launch", _launch_id, replace=True)
 
 
@@ -151,3 +163,25 @@ def experiment_name(cfg: DictConfig) -> str:
     in a report, a comparison in the UI or the registry."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     return f"{cfg.tracking.experiment}-debug" if smoke_test(trainer) else str(cfg.tracking.experiment)
+
+
+def objectives(optimized_metric: str | Sequence[str]) -> list[str]:
+    """The metric names of ``optimized_metric`` (one name or a list)."""
+    names = [optimized_metric] if isinstance(optimized_metric, str) else [str(n) for n in optimized_metric]
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"optimized_metric must be a metric name or a list of distinct names, got {optimized_metric!r}")
+    return names
+
+
+def job_result(metrics: Mapping[str, float], optimized_metric: str | Sequence[str], budget: Mapping[str, float] | None = None) -> Any:
+    """What a job returns to its sweeper: the value of a single ``optimized_metric`` (what every
+    Hydra sweeper reads), or, with several objectives or a budget, those metrics by name."""
+    names = objectives(optimized_metric)
+    wanted = list(dict.fromkeys([*names, *(budget or {})]))
+    missing = [n for n in wanted if n not in metrics]
+    if missing:
+        logged = ", ".join(sorted(k for k in metrics if not k.startswith(("train/", "quant/layer_bits/"))))
+        raise KeyError(f"the run logged no {missing} for the sweeper (optimized_metric / hydra.sweeper.budget); it logged: {logged}")
+    if len(wanted) == 1 and isinstance(optimized_metric, str):
+        return float(metrics[names[0]])
+    return {n: float(metrics[n]) for n in wanted}

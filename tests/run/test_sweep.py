@@ -70,6 +70,7 @@ def test_optuna_search_runs_its_trials_as_mlflow_runs_and_reports_the_best(run_p
     assert len(temperatures) == 3 and all(1.0 <= t <= 20.0 for t in temperatures)  # sampled, in range
     result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert result["best_value"] == max(r.data.metrics["val/acc_best"] for r in students)  # validation, not test
+    assert f"distill.temperature={result['best_params']['distill.temperature']}" in result["best_command"]  # how to reproduce it
     _assert_one_parent(tmp_path / "outputs", students + teachers, swept="distill.temperature,distill.alpha,student.optimizer.lr")
 
 
