@@ -91,6 +91,17 @@ def print_summary(
                f"truncated, {metrics['test/acc']:.2%} fine-tuned" if "factorize/test_acc_before" in metrics
                else " before training (the factorised model trained)")
         )
+    if "exit/threshold" in metrics:  # student=multi_exit
+        names = [k.split("/")[1] for k in metrics if k.startswith("exit/") and k.endswith("/share")]
+        shares = ", ".join(f"{n} {metrics[f'exit/{n}/share']:.0%}" for n in names)
+        console.print(
+            f"early exits: at confidence > {metrics['exit/threshold']:.3g} (chosen on validation, within "
+            f"{metrics['exit/max_drop']:.1%} of the final exit) test acc {metrics['exit/test_acc']:.2%} at "
+            f"{metrics['exit/macs_avg']:,.0f} MACs per input on average, {metrics['exit/macs_ratio']:.2f}x fewer than the final "
+            f"exit; inputs leaving at {shares}; each exit alone: "
+            + ", ".join(f"{n} {metrics[f'exit/{n}/test_acc']:.2%} at {metrics[f'exit/{n}/macs']:,.0f} MACs" for n in names)
+            + " (exits.csv, exits.png)", soft_wrap=True,
+        )  # fmt: skip
     if "quant/bits" in metrics:
         acts = int(metrics.get("quant/activation_bits", metrics["quant/bits"]))
         width = f"{int(metrics['quant/bits'])}-bit" + (f" weights, {acts}-bit activations" if acts != metrics["quant/bits"] else "")

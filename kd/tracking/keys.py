@@ -12,7 +12,9 @@ A key is ``family/name``. The families:
 - ``teacher/``: the teacher, measured like the student;
 - ``quant/``, ``prune/``, ``factorize/``: what each compression stage reports about itself;
 - ``omit/``: the omitted-classes experiment (Hinton et al. 2015, section 3);
-- ``export/``: the exported files checked in onnxruntime (``export/float/*``, ``export/int8/*``).
+- ``export/``: the exported files checked in onnxruntime (``export/float/*``, ``export/int8/*``);
+- ``exit/``: a multi-exit student's early exits (``exit/<name>/*`` per exit, the chosen
+  threshold's test accuracy and average MACs).
 
 Params are the resolved config flattened (:func:`flatten`: ``distill.temperature``).
 """
@@ -23,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 MODEL, DENSE, TEACHER, QUANT, PRUNE, FACTORIZE, OMIT = "model", "dense", "teacher", "quant", "prune", "factorize", "omit"
-EXPORT = "export"
+EXPORT, EXIT = "export", "exit"
 
 VAL_ACC = "val/acc"  # per epoch
 VAL_ACC_BEST = "val/acc_best"  # the validation-selected epoch's: what a sweeper optimises

@@ -29,8 +29,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.train.epoch_sums import EpochSums
+from kd.models.exits import MultiExit
 from kd.models.features import FeatureHooks
 from kd.losses import CrossEntropy, Objective
+from kd.losses.exits import exit_terms
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,16 @@ class ClassifierModule(pl.LightningModule):
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits and the objective's named loss terms for one training batch."""
+        if isinstance(self.model, MultiExit):
+            return self._exit_terms(x, y, None, index)
         logits = self.model(x)
         return logits, self.objective(logits, y)
+
+    def _exit_terms(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """A multi-exit student: every exit's logits, the weighted sum of their terms (``kd.losses.exits``)."""
+        m = self.model
+        exits = m.exits(x)
+        return exits[-1], exit_terms(self.objective, m.exit_names, m.loss_weights, m.distill_from, exits, y, teacher_logits, index)
 
     def step_outputs(self, x: Tensor, y: Tensor, index: Tensor) -> StepOutputs:
         """One training batch's forward and its bookkeeping, tensors only: the loss, each term
@@ -273,6 +283,8 @@ class DistillationModule(ClassifierModule):
             return self.teacher(x)
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if isinstance(self.model, MultiExit):  # logit objectives only (checked before training)
+            return self._exit_terms(x, y, self.teacher_logits(x, index) if self.objective.needs_teacher_logits else None, index)
         if not self.objective.needs_features:  # logits only: no hooks (and a graph the compiler takes whole)
             logits = self.model(x)
             return logits, self.objective(logits, y, self.teacher_logits(x, index), index=index)

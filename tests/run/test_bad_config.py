@@ -87,6 +87,18 @@ BAD = [
     (["quantize=qat", "quantize.budget_bits=4", "quantize.bits=4"], "quantize.bits=4 is one width for every layer; with quantize.budget_bits"),
     (["quantize=qat", "quantize.budget_bits=4", "quantize.sensitivity=guess"], "quantize.sensitivity must be one of ('measured', 'hessian'), got 'guess'"),
     (["quantize=qat", "quantize.budget_bits=4", "prune=magnitude"], "quantize.budget_bits with prune=magnitude is not supported"),
+    # early exits (student=multi_exit)
+    (["student=multi_exit", "student.exits.stages=[hidden1,nope]"], "unknown student layer name(s) ['nope'] in MLP; valid names"),
+    (["student=multi_exit", "model@student.model=mlp", "student.exits.stages=[hidden2,hidden1]"],
+     "student.exits.stages must run shallow to deep, in the order the forward reaches them: ['hidden1', 'hidden2']"),
+    (["student=multi_exit", "student.exits.loss_weights=[1.0]"], "student.exits.loss_weights needs 2 non-negative weights (one per exit, hidden1, final)"),
+    (["student=multi_exit", "student.exits.distill_from=self"], "student.exits.distill_from must be one of ('teacher', 'final'), got 'self'"),
+    (["student=multi_exit", "student.exits.criterion=margin"], "student.exits.criterion must be one of ('max_softmax', 'entropy'), got 'margin'"),
+    (["student=multi_exit", "student.exits.max_drop=5"], "student.exits.max_drop must be an accuracy drop in [0, 1], got 5"),
+    (["student=multi_exit", "student.exits.thresholds=1"], "student.exits.thresholds must be an integer >= 2"),
+    (["student=multi_exit", "distill=none", "student.exits.distill_from=final"], "student.exits.distill_from=final distils the early exits"),
+    (["student=multi_exit", "distill=at"], "an objective with feature terms is not supported with early exits"),
+    (["student=multi_exit", "prune=magnitude"], "student=multi_exit with prune="),
     # low-rank factorisation
     (["factorize=svd", "factorize.energy=1.5"], "factorize.energy must be a fraction in (0, 1], got 1.5"),
     (["factorize=svd", "factorize.conv=diag"], "factorize.conv must be one of ('channel', 'spatial', 'none'), got 'diag'"),
