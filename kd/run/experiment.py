@@ -22,7 +22,8 @@ from callbacks import CompressionStage, PruningCallback, StageContext, check_com
 from kd.data import TensorDataModule
 from callbacks.quant_engine import RECIPE_KEY, lowering
 from kd.run.compress import finetune, quantized_metrics
-from kd.run import exits
+from kd.models.slimmable import Slimmable
+from kd.run import exits, slimmable
 from kd.run.export import export_student
 from kd.run.config import check_counts, check_keys, check_optimizers, check_switches, experiment_name
 from kd.run.identity import run_identity
@@ -73,6 +74,9 @@ def _run(cfg: DictConfig) -> dict[str, float]:
     policy: exits.ExitPolicy | None = None
     if cfg.student.get("exits") is not None:  # student=multi_exit: heads on named stages, checked now
         student, policy = seeded(cfg.seed, partial(exits.build, cfg.student.exits, student, data.num_classes, data.input_shape, objective))()
+    elif cfg.student.get("widths") is not None:  # student=slimmable: every width checked now
+        student = slimmable.build(cfg.student, student, data.num_classes, data.input_shape, objective)
+    dynamic = "student=multi_exit" if policy is not None else "student=slimmable" if isinstance(student, Slimmable) else None
     omit = omitted_classes(cfg.student.get("omit_classes"), data.num_classes)
     if build_teacher is not None:  # architecture, layer names and feature shapes checked now, not after a teacher trained
         train_size = len(drop_classes(data.train, omit).y) if omit else len(data.train.y)
@@ -96,9 +100,9 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         pruner.build_model = build_student  # lottery tickets' random re-initialisation
     stages: list[CompressionStage] = in_order([s for s in (pruner, _optional(cfg, "factorize"), _optional(cfg, "quantize")) if s])
     check_combination(stages)  # pairs that do not combine, before any training
-    if policy is not None and stages:
-        raise ValueError(f"student=multi_exit with {', '.join(f'{s.group}={s.describe()}' for s in stages)} is not supported: "
-                         "the stages would rewrite the exits' heads with the backbone; compress the backbone in its own run")  # fmt: skip
+    if dynamic is not None and stages:
+        raise ValueError(f"{dynamic} with {', '.join(f'{s.group}={s.describe()}' for s in stages)} is not supported: "
+                         "the stages would rewrite its layers (heads, widths) with the backbone; compress a width in its own run")  # fmt: skip
     checks = StageContext(data, objective, cfg.trainer.max_epochs, Path(cfg.paths.run_dir), stages,
                           measure=lambda model: measurement(model, data.input_shape))  # fmt: skip
     for stage in stages:  # layer names, amounts, schedules, bits, before any training, on the model each will see
@@ -108,9 +112,9 @@ def _run(cfg: DictConfig) -> dict[str, float]:
     training = {stage.group: stage.callbacks() for stage in first + [s for s in stages if not s.prepares_graph]}
     for group, added in training.items():
         callbacks |= {f"{group}{'' if i == 0 else i}": c for i, c in enumerate(added)}
-    if policy is not None and cfg.get("compile", False):
-        log.warning("compile=true ignored for the student: early exits read its stages through forward hooks; training eagerly")
-    compiled = compile_choice(bool(cfg.get("compile", False)) and policy is None, objective, data, *stages)
+    if dynamic is not None and cfg.get("compile", False):
+        log.warning("compile=true ignored for the student: %s changes its computation per step; training eagerly", dynamic)
+    compiled = compile_choice(bool(cfg.get("compile", False)) and dynamic is None, objective, data, *stages)
     if any(training.values()):  # stages that train: they write the selection key
         for c in callbacks.values():
             if isinstance(c, ModelCheckpoint) and c.monitor == keys.VAL_ACC:
@@ -178,6 +182,13 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         if policy is not None:
             with phase("early exits: the thresholds on validation, the chosen one on test"):
                 found, files = exits.report(module.model, policy, data, Path(cfg.paths.run_dir))
+            final.update(found)
+            for path in files:
+                tracker.log_artifact(run_id, path)
+            saved += files
+        if isinstance(module.model, Slimmable):
+            with phase(f"slimmable: testing and measuring widths {', '.join(f'{w:g}' for w in module.model.widths)}"):
+                found, files = slimmable.report(module.model, data, lambda m: measurement(m, data.input_shape), Path(cfg.paths.run_dir))
             final.update(found)
             for path in files:
                 tracker.log_artifact(run_id, path)

@@ -99,6 +99,13 @@ BAD = [
     (["student=multi_exit", "distill=none", "student.exits.distill_from=final"], "student.exits.distill_from=final distils the early exits"),
     (["student=multi_exit", "distill=at"], "an objective with feature terms is not supported with early exits"),
     (["student=multi_exit", "prune=magnitude"], "student=multi_exit with prune="),
+    # slimmable students (student=slimmable)
+    (["student=slimmable", "student.widths=[0.5,1.5]"], "student.widths must lie in (0, 1], got [0.5, 1.5]"),
+    (["student=slimmable", "student.widths=[1.0,0.5]"], "student.widths must be distinct and increasing, got [1.0, 0.5]"),
+    (["student=slimmable", "student.widths=[0.01,1.0]"], "student.widths [0.01] leave layers.0 with no channels"),
+    (["student=slimmable", "student.random_widths=-1"], "student.random_widths must be an integer >= 0, got -1"),
+    (["student=slimmable", "distill=at"], "an objective with feature terms is not supported with slimmable students"),
+    (["student=slimmable", "quantize=ptq"], "student=slimmable with quantize="),
     # low-rank factorisation
     (["factorize=svd", "factorize.energy=1.5"], "factorize.energy must be a fraction in (0, 1], got 1.5"),
     (["factorize=svd", "factorize.conv=diag"], "factorize.conv must be one of ('channel', 'spatial', 'none'), got 'diag'"),
