@@ -28,13 +28,10 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd.train.dynamic import dynamic_terms, is_dynamic, validate_widths, width_metrics
 from kd.train.epoch_sums import EpochSums
-from kd.models.exits import MultiExit
-from kd.models.slimmable import Slimmable
 from kd.models.features import FeatureHooks
 from kd.losses import CrossEntropy, Objective
-from kd.losses.exits import exit_terms
-from kd.losses.slimmable import slimmable_terms
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +85,7 @@ class ClassifierModule(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         # a slimmable student: each narrower width validated too (width/<w>/val_acc); val/acc is the widest's
-        self.width_val = nn.ModuleList(MulticlassAccuracy(num_classes=num_classes, average="micro")
-                                       for _ in (model.widths[:-1] if isinstance(model, Slimmable) else ()))  # fmt: skip
+        self.width_val = nn.ModuleList(width_metrics(model, lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -119,32 +115,10 @@ class ClassifierModule(pl.LightningModule):
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits and the objective's named loss terms for one training batch."""
-        if isinstance(self.model, MultiExit):
-            return self._exit_terms(x, y, None, index)
-        if isinstance(self.model, Slimmable):
-            return self._slimmable_terms(x, y, None, index)
+        if is_dynamic(self.model):  # early exits, slimmable widths: kd.train.dynamic
+            return dynamic_terms(self.model, self.objective, x, y, None, index)
         logits = self.model(x)
         return logits, self.objective(logits, y)
-
-    def _slimmable_terms(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """A slimmable student: the sandwich of widths, in-place distillation (``kd.losses.slimmable``)."""
-        m = self.model
-
-        def at(width: float) -> Tensor:
-            m.set_width(width)
-            return m(x)
-
-        try:
-            return slimmable_terms(self.objective, at, m.sandwich(m.random_widths), y, teacher_logits, index, m.inplace_distill,
-                                   m.narrow_objective)  # fmt: skip
-        finally:
-            m.set_width(m.widths[-1])
-
-    def _exit_terms(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """A multi-exit student: every exit's logits, the weighted sum of their terms (``kd.losses.exits``)."""
-        m = self.model
-        exits = m.exits(x)
-        return exits[-1], exit_terms(self.objective, m.exit_names, m.loss_weights, m.distill_from, exits, y, teacher_logits, index)
 
     def step_outputs(self, x: Tensor, y: Tensor, index: Tensor) -> StepOutputs:
         """One training batch's forward and its bookkeeping, tensors only: the loss, each term
@@ -207,15 +181,8 @@ class ClassifierModule(pl.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
-        if isinstance(self.model, Slimmable) and len(self.width_val):
-            x, y, _ = batch
-            try:
-                for width, metric in zip(self.model.widths, self.width_val):
-                    self.model.set_width(width)
-                    metric.update(self.model(x), y)
-                    self.log(f"width/{width:g}/val_acc", metric, on_step=False, on_epoch=True)
-            finally:
-                self.model.set_width(self.model.widths[-1])
+        x, y, _ = batch
+        validate_widths(self.model, list(self.width_val), x, y, lambda name, m: self.log(name, m, on_step=False, on_epoch=True))
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
@@ -313,9 +280,9 @@ class DistillationModule(ClassifierModule):
             return self.teacher(x)
 
     def compute_terms(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if isinstance(self.model, (MultiExit, Slimmable)):  # logit objectives only (checked before training)
+        if is_dynamic(self.model):  # logit objectives only (checked before training)
             teacher = self.teacher_logits(x, index) if self.objective.needs_teacher_logits else None
-            return (self._exit_terms if isinstance(self.model, MultiExit) else self._slimmable_terms)(x, y, teacher, index)
+            return dynamic_terms(self.model, self.objective, x, y, teacher, index)
         if not self.objective.needs_features:  # logits only: no hooks (and a graph the compiler takes whole)
             logits = self.model(x)
             return logits, self.objective(logits, y, self.teacher_logits(x, index), index=index)
