@@ -121,25 +121,29 @@ def test_a_student_search_finds_the_front_its_trials_logged_and_every_trial_is_a
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     client, students, (parent,) = _students(tmp_path / "outputs")
-    assert len(students) == 4 and {r.info.status for r in students} == {"FINISHED"}
+    rows = list(csv.DictReader((tmp_path / "sweep" / "pareto_front.csv").read_text().splitlines()))
+    keys = ("search.width", "search.depth", "distill.temperature", "student.optimizer.lr")
+
+    def config(values) -> tuple:
+        return tuple(float(values[k]) for k in keys)
+
+    assert len(rows) == 4 and len(students) == len({config(r) for r in rows})  # a repeated config reuses its run (resume)
+    assert {r.info.status for r in students} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in students} == {parent.info.run_id}
     # the front, recomputed here from what the trials logged to MLflow
-    points = {(int(r.data.params["search.width"]), int(r.data.params["search.depth"]), float(r.data.params["distill.temperature"])):
-              (r.data.metrics["val/acc_best"], r.data.metrics["model/macs"]) for r in students}  # fmt: skip
+    points = {config(r.data.params): (r.data.metrics["val/acc_best"], r.data.metrics["model/macs"]) for r in students}
     expected = {k for k, (a, m) in points.items()
                 if not any(a2 >= a and m2 <= m and (a2 > a or m2 < m) for a2, m2 in points.values())}  # fmt: skip
-    rows = list(csv.DictReader((tmp_path / "sweep" / "pareto_front.csv").read_text().splitlines()))
-    assert len(rows) == 4
-    found = {(int(r["search.width"]), int(r["search.depth"]), float(r["distill.temperature"])) for r in rows if r["on_front"] == "True"}
+    found = {config(r) for r in rows if r["on_front"] == "True"}
     assert found == expected
     for r in rows:  # each trial's MACs are the MLP's multiply-accumulates: 64 inputs, depth x width hidden, 10 classes
         width, depth = int(r["search.width"]), int(r["search.depth"])
         assert float(r["model/macs"]) == 64 * width + (depth - 1) * width * width + width * 10
         assert f"search.width={width} search.depth={depth}" in r["command"]
     result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    assert {(f["params"]["search.width"], f["params"]["search.depth"], f["params"]["distill.temperature"]) for f in result["pareto_front"]} == expected
+    assert {config(f["params"]) for f in result["pareto_front"]} == expected
     assert {"pareto_front.csv", "pareto_front.png", "optimization_results.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert parent.info.status == "FINISHED" and parent.data.tags["kd.swept"] == "search.width,search.depth,distill.temperature"
+    assert parent.info.status == "FINISHED" and parent.data.tags["kd.swept"] == ",".join(keys)
 
 
 def test_a_killed_search_continues_its_study_without_repeating_a_finished_trial(run_py, tmp_path):
@@ -169,5 +173,6 @@ def test_a_killed_search_continues_its_study_without_repeating_a_finished_trial(
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and states[1] == optuna.trial.TrialState.FAIL  # the killed one
     _, students, _ = _students(tmp_path / "outputs")
     finished = [r for r in students if r.info.status == "FINISHED"]
-    assert len(finished) == 3  # the first trial's student ran once, not again after the kill
+    configs = {tuple(sorted(t.params.items())) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(finished) == len(configs)  # the first trial's student ran once, not again after the kill
     assert "RUNNING" not in {r.info.status for r in students}
