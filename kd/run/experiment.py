@@ -24,7 +24,7 @@ from callbacks.quant_engine import RECIPE_KEY, lowering
 from kd.run.compress import finetune, quantized_metrics
 from kd.models.slimmable import Slimmable
 from kd.run import exits, slimmable
-from kd.run.export import export_student
+from kd.run.export import export_student, export_widths
 from kd.run.config import check_counts, check_keys, check_optimizers, check_switches, experiment_name
 from kd.run.identity import run_identity
 from kd.run.known_warnings import ignore_known_warnings  # noqa: F401  (re-exported: tests re-apply the filters)
@@ -186,9 +186,11 @@ def _run(cfg: DictConfig) -> dict[str, float]:
             for path in files:
                 tracker.log_artifact(run_id, path)
             saved += files
+        narrower: dict[float, nn.Module] = {}  # a slimmable student's narrower widths, as plain models
         if isinstance(module.model, Slimmable):
             with phase(f"slimmable: testing and measuring widths {', '.join(f'{w:g}' for w in module.model.widths)}"):
-                found, files = slimmable.report(module.model, data, lambda m: measurement(m, data.input_shape), Path(cfg.paths.run_dir))
+                found, files, narrower = slimmable.report(module.model, data, lambda m: measurement(m, data.input_shape),
+                                                          Path(cfg.paths.run_dir))  # fmt: skip
             final.update(found)
             for path in files:
                 tracker.log_artifact(run_id, path)
@@ -226,6 +228,9 @@ def _run(cfg: DictConfig) -> dict[str, float]:
             with phase("exporting to ONNX and checking it in onnxruntime"):
                 int8, engine = (deployed.deployed, deployed.deployed_extras[RECIPE_KEY].get("engine", "fx")) if deployed else (None, None)
                 exported, export_tags, files = export_student(module.model, int8, engine, data, measurement, Path(cfg.paths.run_dir), final)
+                if narrower:
+                    more = export_widths(narrower, data, measurement, Path(cfg.paths.run_dir))
+                    exported, export_tags, files = exported | more[0], export_tags | more[1], files + more[2]
             final.update(exported)
             tracker.set_tags(run_id, export_tags)
             for path in files:

@@ -45,6 +45,24 @@ def _checked(kind: str, reference: nn.Module, path: Path, data: TensorDataModule
     return {keys.key(keys.EXPORT, f"{kind}/{name}"): value for name, value in metrics.items()}
 
 
+def export_widths(plains: dict[float, nn.Module], data: TensorDataModule, measurement: Measurement,
+                  run_dir: Path) -> tuple[dict[str, float], dict[str, str], list[Path]]:  # fmt: skip
+    """A slimmable student's narrower widths (plain models) as ``model_w<w>.onnx``, each checked
+    in onnxruntime against its torch model (``export/w<w>/*``); returns metrics, tags and files."""
+    found: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    files: list[Path] = []
+    for width, plain in plains.items():
+        try:
+            path = onnx.export(plain, data.input_shape, run_dir / f"model_w{width:g}.onnx")
+            files.append(path)
+            found |= _checked(f"w{width:g}", plain, path, data, measurement)
+        except Exception as err:  # as for the float student: named, tagged, the run goes on
+            tags[f"kd.export_w{width:g}"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            log.warning("width %g was not exported to ONNX: %s", width, tags[f"kd.export_w{width:g}"])
+    return found, tags, files
+
+
 def export_student(
     model: nn.Module | None, int8: nn.Module | None, int8_engine: str | None, data: TensorDataModule, measurement: Measurement,
     run_dir: Path, metrics: dict[str, float],

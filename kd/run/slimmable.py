@@ -30,9 +30,12 @@ def build(cfg: DictConfig, student: nn.Module, num_classes: int, input_shape: tu
                      cfg.get("inplace_distill", True), cfg.get("narrow_objective", False))  # fmt: skip
 
 
-def report(model: Slimmable, data, measure: Callable[[nn.Module], dict[str, float]], run_dir: Path) -> tuple[dict[str, float], list[Path]]:
-    """``width/<w>/*``: test accuracy and the plain model's measurements; the files."""
+def report(model: Slimmable, data, measure: Callable[[nn.Module], dict[str, float]],
+           run_dir: Path) -> tuple[dict[str, float], list[Path], dict[float, nn.Module]]:  # fmt: skip
+    """``width/<w>/*``: test accuracy and the plain model's measurements; the files; the plain
+    models of the narrower widths (for the ONNX export)."""
     metrics: dict[str, float] = {}
+    plains: dict[float, nn.Module] = {}
     rows = []
     files: list[Path] = []
     for w in model.widths:
@@ -44,13 +47,15 @@ def report(model: Slimmable, data, measure: Callable[[nn.Module], dict[str, floa
         metrics |= {keys.key(WIDTH, f"{w:g}/{k}"): v for k, v in measured.items()}
         files.append(save_weights(plain, run_dir / f"student_w{w:g}.pt", {PRUNED_KEY: removed} if removed else None))
         rows.append({"width": w, "test_acc": acc, **measured})
+        if w != model.widths[-1]:
+            plains[w] = plain
     table = run_dir / "widths.csv"
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    return metrics, [table, _plot(run_dir / "widths.png", rows), *files]
+    return metrics, [table, _plot(run_dir / "widths.png", rows), *files], plains
 
 
 def _plot(path: Path, rows: list[dict]) -> Path:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from kd.deploy.onnx import FLOAT_AGREEMENT
 from kd.models import LeNet5
 from kd.run.experiment import run
 from kd.tracking.measure import accuracy
@@ -23,7 +24,8 @@ def _lenet_macs(c1: int, c2: int, h1: int, h2: int) -> int:
 
 def test_a_slimmable_run_tests_measures_and_saves_every_width(make_cfg):
     widths = [0.5, 0.75, 1.0]
-    cfg = make_cfg("student=slimmable", "model@student.model=lenet5", f"student.widths=[{','.join(map(str, widths))}]", "distill=none")
+    cfg = make_cfg("student=slimmable", "model@student.model=lenet5", f"student.widths=[{','.join(map(str, widths))}]", "distill=none",
+                   "export=onnx")  # fmt: skip
     metrics = run(cfg)
     data = digits()
     for w in widths:
@@ -43,3 +45,6 @@ def test_a_slimmable_run_tests_measures_and_saves_every_width(make_cfg):
         assert f"train/width/{w:g}/loss" in student.data.metrics
     assert {"widths.csv", "widths.png", "student_w0.5.pt"} <= {a.path for a in client.list_artifacts(student.info.run_id)}
     assert torch.load(Path(cfg.paths.run_dir) / "student.pt", weights_only=True).keys() >= {"backbone.conv1.weight"}
+    for name in ("float", "w0.5", "w0.75"):  # the widest as model.onnx, each narrower width as model_w<w>.onnx
+        assert metrics[f"export/{name}/argmax_agreement"] >= FLOAT_AGREEMENT, name
+    assert (Path(cfg.paths.run_dir) / "model_w0.5.onnx").is_file()
