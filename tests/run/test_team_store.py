@@ -47,7 +47,8 @@ def _as_postgres(argv: list[str]) -> list[str]:
 
 
 @pytest.fixture
-def team_server(tmp_path):
+def postgres():
+    """A throwaway PostgreSQL cluster on a free port (user ``kd``, trust auth); yields the port."""
     if PG_BIN is None:
         pytest.skip("no PostgreSQL: apt-get install -y postgresql")
     pytest.importorskip("psycopg2", reason="pip install psycopg2-binary (the dev extra has it)")
@@ -61,10 +62,20 @@ def team_server(tmp_path):
         shutil.chown(sockets, "postgres", "postgres")
     subprocess.run(_as_postgres([f"{PG_BIN}/initdb", "-D", str(cluster), "-A", "trust", "-U", "kd"]), check=True,
                    capture_output=True)  # fmt: skip
-    pg_port, port = _free_port(), _free_port()
+    pg_port = _free_port()
     subprocess.run(_as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(cluster), "-l", str(cluster / "log"), "-w", "-o",
                                  f"-p {pg_port} -k {sockets} -c listen_addresses=127.0.0.1", "start"]), check=True,
                    capture_output=True)  # fmt: skip
+    try:
+        yield pg_port
+    finally:
+        subprocess.run(_as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(cluster), "-m", "fast", "stop"]), capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def team_server(postgres, tmp_path):
+    pg_port, port = postgres, _free_port()
     server = None
     try:
         subprocess.run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "kd", "mlflow"], check=True)
@@ -86,8 +97,25 @@ def team_server(tmp_path):
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-        subprocess.run(_as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(cluster), "-m", "fast", "stop"]), capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_share_one_optuna_study_in_postgres(postgres, run_py, tmp_path):
+    import optuna
+
+    subprocess.run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(postgres), "-U", "kd", "optuna"], check=True)
+    url = f"postgresql+psycopg2://kd@127.0.0.1:{postgres}/optuna"
+    search = ["hparams_search=student_pareto", "hydra.sweeper.sampler.population_size=2", "hydra.sweeper.n_trials=4",
+              f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=team"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(run_py(*search, f"hydra.sweep.dir={tmp_path / f'worker{i}'}", multirun=True), cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+    for worker in workers:
+        assert worker.wait(timeout=900) == 0, worker.stderr.read()[-3000:]
+    trials = optuna.load_study(study_name="team", storage=url).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5 and len(complete) == len(trials)  # each checks the shared count before asking; none left running
+    assert all((tmp_path / f"worker{i}" / "0" / "student.pt").is_file() for i in range(2))  # both trained trials of it
+    assert all((tmp_path / f"worker{i}" / "pareto_front.csv").is_file() for i in range(2))  # and wrote the study's front
 
 
 def test_a_joblib_sweep_against_postgres_with_one_job_killed_leaves_every_run_closed(team_server, run_py, tmp_path):
