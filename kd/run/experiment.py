@@ -179,22 +179,18 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         )  # fmt: skip
         reshaped_by = None  # the first stage that measured the student before changing it (dense/*)
         saved: list[Path] = []  # what the summary names: student.pt and the other artifacts
+        found, files, narrower = {}, [], {}  # a dynamic student's report; a slimmable one's narrower widths as plain models
         if policy is not None:
             with phase("early exits: the thresholds on validation, the chosen one on test"):
                 found, files = exits.report(module.model, policy, data, Path(cfg.paths.run_dir))
-            final.update(found)
-            for path in files:
-                tracker.log_artifact(run_id, path)
-            saved += files
-        narrower: dict[float, nn.Module] = {}  # a slimmable student's narrower widths, as plain models
-        if isinstance(module.model, Slimmable):
+        elif isinstance(module.model, Slimmable):
             with phase(f"slimmable: testing and measuring widths {', '.join(f'{w:g}' for w in module.model.widths)}"):
                 found, files, narrower = slimmable.report(module.model, data, lambda m: measurement(m, data.input_shape),
                                                           Path(cfg.paths.run_dir))  # fmt: skip
-            final.update(found)
-            for path in files:
-                tracker.log_artifact(run_id, path)
-            saved += files
+        final.update(found)
+        for path in files:
+            tracker.log_artifact(run_id, path)
+        saved += files
         for stage in stages:
             with phase(f"{stage.group}: finalising {stage.describe()}"):
                 result = stage.finalize(module.model, finishing)
