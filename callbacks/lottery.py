@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from kd.tracking.figures import new_figure, save_figure
 from callbacks.base import PruningCallback
 from kd.tracking import keys
 from kd.compression.layers import check_fraction, output_layer, select_layers
@@ -246,24 +247,14 @@ class LotteryTicket(PruningCallback):
         return [table, masks, self._plot(run_dir / "lottery_rounds.png")]
 
     def _plot(self, path: Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = new_figure((6, 4))
         x = [h["remaining_percent"] for h in self._history]
         ax.plot(x, [100 * h["val_acc_best"] for h in self._history], marker="o", label=self.describe())
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("weights remaining (%), log scale")
         ax.set_ylabel("best validation accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, ax, path)
 
     def fold(self, model: nn.Module) -> nn.Module:
         for module in self._targets.values():

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kd.tracking.figures import new_figure, save_figure
+
 CANDIDATES = (2, 3, 4, 6, 8)
 SENSITIVITIES = ("measured", "hessian")
 
@@ -172,13 +174,8 @@ def write_table(path: Path, bits: Mapping[str, int], params: Mapping[str, int], 
 
 def plot(path: Path, bits: Mapping[str, int], params: Mapping[str, int], budget: float, sensitivity: str) -> Path:
     """The chosen width of each layer (bars, annotated with its weight count) against the budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(bits)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(names) + 2), 4))
+    fig, ax = new_figure((max(5.0, 0.6 * len(names) + 2), 4))
     bars = ax.bar(range(len(names)), [bits[n] for n in names], color="tab:blue")
     for bar, name in zip(bars, names):
         ax.annotate(f"{params[name]:,}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
@@ -188,9 +185,4 @@ def plot(path: Path, bits: Mapping[str, int], params: Mapping[str, int], budget:
     ax.set_ylim(0, 9)
     ax.set_ylabel("weight bits (label: weights in the layer)")
     ax.set_title(f"mixed precision ({sensitivity} sensitivity)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, grid=False)

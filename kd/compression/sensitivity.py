@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kd.tracking.figures import new_figure, save_figure
+
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -79,12 +81,7 @@ def write_csv(rows: list[dict[str, float | str]], path: Path) -> Path:
 
 def plot(rows: list[dict[str, float | str]], path: Path, title: str = "pruning sensitivity") -> Path:
     """Accuracy vs sparsity, one line per layer, the dense accuracy as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure((7, 4.5))
     names = list(dict.fromkeys(str(r["layer"]) for r in rows))
     for name in names:
         mine = sorted((r for r in rows if r["layer"] == name), key=lambda r: float(r["sparsity"]))
@@ -95,10 +92,4 @@ def plot(rows: list[dict[str, float | str]], path: Path, title: str = "pruning s
     ax.set_xlabel("sparsity of the layer alone (% of its weights removed)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from kd.tracking.figures import new_figure, save_figure
 from kd.models.exits import MultiExit
 from kd.tracking import keys
 
@@ -134,12 +135,7 @@ def report(model: MultiExit, policy: ExitPolicy, data, run_dir: Path) -> tuple[d
 
 
 def _plot(path: Path, rows, chosen, model: MultiExit, macs: list[int], test: list[Tensor], y: Tensor, policy: ExitPolicy) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = new_figure((6.4, 4.4))
     ax.plot([r[1]["macs"] for r in rows], [r[1]["acc"] for r in rows], ".-", color="C0", label="validation (threshold sweep)")
     ax.plot([r[2]["macs"] for r in rows], [r[2]["acc"] for r in rows], ".-", color="C1", label="test")
     alone = [float((z.argmax(-1) == y).float().mean()) for z in test]
@@ -151,9 +147,4 @@ def _plot(path: Path, rows, chosen, model: MultiExit, macs: list[int], test: lis
     ax.set_xlabel("average MACs per input")
     ax.set_ylabel("accuracy")
     ax.set_title(f"early exits ({policy.criterion})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

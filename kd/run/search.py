@@ -38,6 +38,8 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from kd.tracking.figures import new_figure, save_figure
+
 DIRECTIONS = ("maximize", "minimize")
 HEARTBEAT_S = 30  # a running trial's heartbeat; 4 missed ones and the trial counts as dead
 
@@ -216,16 +218,11 @@ def write_front(path: Path, study: optuna.Study, names: Sequence[str]) -> Path:
 def plot_front(path: Path, study: optuna.Study, names: Sequence[str]) -> Path | None:
     """The trials in the plane of the first two objectives, the front joined and highlighted,
     infeasible trials hollow; one objective: the objective by trial number."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not trials:
         return None
     best = front(study)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = new_figure((6.4, 4.4))
     if len(names) == 1:
         ax.plot([t.number for t in trials], [t.value for t in trials], "o", color="0.6", label="trials")
         ax.plot([t.number for t in best], [t.value for t in best], "o", color="C3", label="best")
@@ -245,9 +242,4 @@ def plot_front(path: Path, study: optuna.Study, names: Sequence[str]) -> Path | 
         ax.set_xlabel(names[x])
         ax.set_ylabel(names[y])
     ax.set_title(f"{len(trials)} finished trials, {len(best)} on the {'front' if len(names) > 1 else 'best value'}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, legend_fontsize=None)

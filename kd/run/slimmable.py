@@ -11,6 +11,7 @@ from typing import Callable
 from omegaconf import DictConfig
 from torch import nn
 
+from kd.tracking.figures import new_figure, save_figure
 from kd.compression.thinning import PRUNED_KEY
 from kd.models.slimmable import Slimmable
 from kd.tracking import keys
@@ -59,12 +60,7 @@ def report(model: Slimmable, data, measure: Callable[[nn.Module], dict[str, floa
 
 
 def _plot(path: Path, rows: list[dict]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    fig, ax = new_figure((6.0, 4.2))
     ax.plot([r["macs"] for r in rows], [r["test_acc"] for r in rows], "o-", color="C0", label="one set of weights")
     for r in rows:
         ax.annotate(f"{r['width']:g}x", (r["macs"], r["test_acc"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
@@ -72,9 +68,4 @@ def _plot(path: Path, rows: list[dict]) -> Path:
     ax.set_xlabel("MACs per input")
     ax.set_ylabel("test accuracy")
     ax.set_title("slimmable student: every width", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
