@@ -113,7 +113,8 @@ class OptunaSweeper(Sweeper):
         import yaml
 
         from kd.run import search
-        from kd.tracking.tracker import PARENT_ENV, resolve_uri
+        from kd.tracking.store import resolve_uri
+        from kd.tracking.tracker import PARENT_ENV
 
         sweep_dir.mkdir(parents=True, exist_ok=True)
         best = search.front(study)

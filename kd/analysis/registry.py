@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from kd.analysis.report import load_runs
 from kd.tracking import keys
-from kd.tracking.tracker import resolve_uri
+from kd.tracking.store import resolve_uri
 
 # measurements copied onto the model version as tags
 TAGS = (keys.TEST_ACC, keys.VAL_ACC_BEST,

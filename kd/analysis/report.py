@@ -26,7 +26,8 @@ from kd.analysis.html import write_html
 from kd.analysis.plots import SIZES, config_value, curves, group_label, heatmap, pareto, tradeoff
 from kd.analysis.tables import NOTE, table_rows, write_csv, write_markdown
 from kd.tracking import keys
-from kd.tracking.tracker import close_dead_runs, resolve_uri
+from kd.tracking.liveness import close_dead_runs
+from kd.tracking.store import resolve_uri
 
 __all__ = ["curves", "heatmap", "load_runs", "main", "pareto", "summarise", "tradeoff"]
 

@@ -41,7 +41,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from kd.tracking.tracker import resolve_uri
+from kd.tracking.store import resolve_uri
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "experiment"
 EXPERIMENT = "reproductions"

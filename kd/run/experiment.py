@@ -34,7 +34,8 @@ from kd.run.signals import sigterm_ends_the_run
 from kd.run.summary import print_summary, summary_metrics
 from kd.tracking import keys
 from kd.tracking.measure import NOISY, Measurement, accuracy, noisy_latencies
-from kd.tracking.tracker import Tracker, hydra_context, resolve_uri
+from kd.tracking.store import resolve_uri
+from kd.tracking.tracker import Tracker, hydra_context
 from kd.train.checkpoint import load_weights, save_weights
 from kd.train.modules import ClassifierModule, DistillationModule
 from kd.run.teacher_step import obtain as obtain_teacher

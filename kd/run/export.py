@@ -25,7 +25,7 @@ from kd.data import TensorDataModule, calibration_batches
 from kd.deploy import onnx
 from kd.tracking import keys
 from kd.tracking.measure import Measurement
-from kd.tracking.tracker import resolve_uri
+from kd.tracking.store import resolve_uri
 from kd.train.checkpoint import load_weights
 
 log = logging.getLogger(__name__)

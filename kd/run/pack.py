@@ -36,7 +36,8 @@ from kd.run.summary import summary_metrics
 from kd.tracking import keys
 from kd.tracking.keys import flatten
 from kd.tracking.measure import Measurement, accuracy
-from kd.tracking.tracker import Tracker, resolve_uri
+from kd.tracking.store import resolve_uri
+from kd.tracking.tracker import Tracker
 from kd.train.checkpoint import save_weights
 from kd.train.packed import PackedStudents, epoch_callback, pack_loader, unpackable_reason
 from kd.train.teacher import seeded

@@ -28,7 +28,8 @@ from rich.table import Table
 
 from kd.run.config import experiment_name
 from kd.tracking import keys
-from kd.tracking.tracker import PARENT_ENV, PARENT_TAG, Tracker, resolve_uri
+from kd.tracking.store import resolve_uri
+from kd.tracking.tracker import PARENT_ENV, PARENT_TAG, Tracker
 
 SWEPT_ENV = "KD_SWEPT_KEYS"
 SHORT = {"distill.temperature": "T", "distill.alpha": "a"}  # as the objective describes itself

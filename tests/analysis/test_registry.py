@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from kd.run.experiment import run
 from kd.models import MLP
 from kd.analysis.registry import best_run, main
-from kd.tracking.tracker import resolve_uri
+from kd.tracking.store import resolve_uri
 
 
 def test_best_run_uses_finished_runs_only_and_the_chosen_direction():

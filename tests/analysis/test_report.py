@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from kd.run.experiment import run
 from kd.analysis.report import main, pareto
-from kd.tracking.tracker import resolve_uri
+from kd.tracking.store import resolve_uri
 
 TINY = ["trainer.max_epochs=1", "teacher.max_epochs=1"]
 

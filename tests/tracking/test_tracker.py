@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd.tracking import tracker as tracking
-from kd.tracking.tracker import EXPERIMENT_KIND, PARENT_ENV, PARENT_TAG, RunLogger, Tracker, resolve_uri
+from kd.tracking.store import resolve_uri
+from kd.tracking.tracker import EXPERIMENT_KIND, PARENT_ENV, PARENT_TAG, RunLogger, Tracker
 
 
 
@@ -422,3 +423,26 @@ def test_a_store_whose_creation_was_interrupted_is_created_again(tmp_path, monke
     with tracker.open_run("after", {}) as run_id:
         pass
     assert tracker.client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_lightning_logger_writes_metrics_in_batches_and_all_of_them_at_the_end(tracker, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    with tracker.open_run("batched", {}) as run_id:
+        logger = tracker.lightning_logger(run_id)
+        writes: list[int] = []
+        real = logger.experiment.log_batch
+        monkeypatch.setattr(logger.experiment, "log_batch", lambda **kw: (writes.append(len(kw["metrics"])), real(**kw)))
+        logger.log_metrics({"train/loss": 0.5, "train/acc": 0.25}, step=1)
+        clock[0] += 1.0  # within flush_every_s (2 s): kept
+        logger.log_metrics({"val/acc": 0.75}, step=1)
+        assert writes == [] and _run(tracker, run_id).data.metrics == {}
+        clock[0] += 1.5  # 2.5 s since the last write: this call writes all three
+        logger.log_metrics({"train/loss": 0.4}, step=2)
+        assert writes == [4]
+        logger.log_metrics({"train/loss": 0.3, "bad key!": 1.0}, step=3)
+        logger.finalize("failed")  # a fit that ends, or fails, writes what is left
+        assert writes == [4, 2]
+    history = tracker.client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.4), (3, 0.3)]
+    assert _run(tracker, run_id).data.metrics == {"train/loss": 0.3, "train/acc": 0.25, "val/acc": 0.75, "bad key": 1.0}
