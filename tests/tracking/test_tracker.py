@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from kd.tracking import run_logger
 from kd.tracking import tracker as tracking
 from kd.tracking.store import resolve_uri
 from kd.tracking.tracker import EXPERIMENT_KIND, PARENT_ENV, PARENT_TAG, RunLogger, Tracker
@@ -427,7 +428,7 @@ def test_a_store_whose_creation_was_interrupted_is_created_again(tmp_path, monke
 
 def test_the_lightning_logger_writes_metrics_in_batches_and_all_of_them_at_the_end(tracker, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(run_logger.time, "monotonic", lambda: clock[0])
     with tracker.open_run("batched", {}) as run_id:
         logger = tracker.lightning_logger(run_id)
         writes: list[int] = []
