@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,18 +53,24 @@ def migrate_new_store(path: Path, artifact_root: Path) -> None:
     store.engine.dispose()
 
 
-def create_store(db: Path) -> None:
-    """Create a new SQLite store atomically: MLflow migrates a file beside it, which replaces
-    ``db`` only once complete. A signal during the migration leaves a stray temporary file,
-    never a half-migrated store that every later run would fail on."""
-    fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=f".{db.name}.", suffix=".creating")
-    os.close(fd)
+def _replace_atomically(db: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)`` creates a complete store at a new path beside ``db``, which then replaces
+    ``db`` in one rename. A signal meanwhile leaves a stray temporary file, never a half-written
+    store that every later run would fail on."""
+    fd, name = tempfile.mkstemp(dir=db.parent, prefix=f".{db.name}.", suffix=".creating")  # a new name each time:
+    os.close(fd)  # MLflow keeps an engine per URI, and a failed attempt's must not be reused
+    beside = Path(name)
+    beside.unlink()  # write() creates the file itself, with the umask's mode
     try:
-        Path(tmp).unlink()  # MLflow creates the file itself
-        migrate_new_store(Path(tmp), db.parent / "mlartifacts")
-        os.replace(tmp, db)
+        write(beside)
+        os.replace(beside, db)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        beside.unlink(missing_ok=True)
+
+
+def create_store(db: Path) -> None:
+    """Create a new SQLite store at ``db`` here, atomically."""
+    _replace_atomically(db, lambda path: migrate_new_store(path, db.parent / "mlartifacts"))
 
 
 class _Staged:
@@ -90,12 +97,7 @@ class _Staged:
             log.warning("the MLflow store's background creation failed (exit %s%s): creating it here",
                         self.child.returncode, f": {last[0]}" if last else "")  # fmt: skip
             return False
-        beside = db.parent / f".{db.name}.{os.getpid()}.creating"  # created by the copy: the umask's mode, as MLflow's own
-        try:
-            shutil.copyfile(self.file, beside)
-            os.replace(beside, db)
-        finally:
-            beside.unlink(missing_ok=True)
+        _replace_atomically(db, lambda path: shutil.copyfile(self.file, path))
         log.info("MLflow store %s: migrated in the background while the job started", db)
         return True
 
